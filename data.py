@@ -1,0 +1,254 @@
+"""
+Token bins on disk, and the batches read from them.
+
+Layout of data/<name>/ (see DESIGN.md):
+  <split>.bin       flat little-endian uint16 token ids
+  <split>.idx       uint64 start offset of each example (example datasets only)
+  <split>.mask.bin  uint8, 1 where the token is a training target (SFT, classification)
+  meta.json         the tokenizer (tokenizer.py)
+Two loaders: TokenWindows (random block_size windows, for pretraining on a token stream) and
+Examples (whole examples, right-padded, with loss masks). Both open the memmap per batch so the
+process never holds a split in memory, and both carry their sampling state for exact resume.
+"""
+import os
+
+import numpy as np
+import torch
+
+MAX_VOCAB = 65536  # uint16 ids
+
+
+class DataError(ValueError):
+    """Bad or missing data on disk; the message says which file and how to fix it."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+class BinWriter:
+    """Appends token ids to <path> as uint16, via a temp file renamed on close (atomic)."""
+
+    def __init__(self, path: str, vocab_size: int, dtype=np.uint16):
+        if dtype == np.uint16 and not vocab_size <= MAX_VOCAB:
+            raise DataError(f"vocab_size {vocab_size} does not fit uint16 bins (max {MAX_VOCAB})")
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path, self.vocab_size, self.dtype = path, vocab_size, dtype
+        self.f = open(path + ".tmp", "wb")
+        self.count = 0
+
+    def write(self, ids) -> None:
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.vocab_size):
+            raise DataError(f"{self.path}: token id {int(arr.max())} is outside the vocabulary "
+                            f"(vocab_size {self.vocab_size})")
+        self.f.write(arr.astype(self.dtype).tobytes())
+        self.count += arr.size
+
+    def close(self) -> None:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.path + ".tmp", self.path)
+
+
+class ExampleWriter:
+    """Writes one split of an example dataset: .bin, .idx and (if masks are given) .mask.bin."""
+
+    def __init__(self, data_dir: str, split: str, vocab_size: int, with_mask: bool = False):
+        base = os.path.join(data_dir, split)
+        self.tokens = BinWriter(base + ".bin", vocab_size)
+        self.masks = BinWriter(base + ".mask.bin", 2, np.uint8) if with_mask else None
+        self.starts: list[int] = []
+        self.idx_path = base + ".idx"
+        self.n_targets = 0
+
+    def add(self, ids, mask=None) -> None:
+        if self.masks is not None:
+            if mask is None or len(mask) != len(ids):
+                raise DataError(f"{self.tokens.path}: every example needs a mask of its length")
+            self.masks.write(mask)
+            self.n_targets += int(np.sum(mask))
+        self.starts.append(self.tokens.count)
+        self.tokens.write(ids)
+
+    def close(self) -> dict:
+        self.tokens.close()
+        if self.masks is not None:
+            self.masks.close()
+        np.asarray(self.starts, dtype=np.uint64).tofile(self.idx_path + ".tmp")
+        os.replace(self.idx_path + ".tmp", self.idx_path)
+        return {"examples": len(self.starts), "tokens": self.tokens.count,
+                "targets": self.n_targets if self.masks is not None else self.tokens.count}
+
+
+# ----------------------------------------------------------------------------- reading
+
+PREPARE_HINT = {
+    "shakespeare_char": "python prepare/shakespeare_char.py --input ../shared/data/tinyshakespeare.txt",
+    "tiny_cls": "python prepare/tiny_cls.py",
+    "tiny_cls_mnist": "python prepare/tiny_cls.py --mnist_dir ../shared/data/mnist --name tiny_cls_mnist",
+}
+
+
+def dataset_dir(name: str) -> str:
+    """data/<name>, or name itself if it is a path to a folder."""
+    path = name if os.path.isdir(name) else os.path.join("data", name)
+    if not os.path.exists(os.path.join(path, "meta.json")):
+        hint = PREPARE_HINT.get(os.path.basename(name.rstrip("/")),
+                                f"python prepare/text.py --input YOUR_FILES --name {name}")
+        raise DataError(f"dataset {name!r} not found (no {path}/meta.json). Make it with:\n  {hint}")
+    return path
+
+
+def open_tokens(data_dir: str, split: str, vocab_size: int) -> np.memmap:
+    """Memmap <split>.bin after checking that it is a whole number of uint16 ids in range."""
+    path = os.path.join(data_dir, f"{split}.bin")
+    if not os.path.exists(path):
+        raise DataError(f"{path} is missing; re-run the prepare script for this dataset")
+    size = os.path.getsize(path)
+    if size % 2:
+        raise DataError(f"{path} has {size} bytes, not a multiple of 2: it is not a uint16 token "
+                        "file, or it was cut short. Re-run the prepare script.")
+    if size == 0:
+        raise DataError(f"{path} is empty; re-run the prepare script with more data")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    top = max(int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24))
+    if top >= vocab_size:
+        raise DataError(f"{path} holds token id {top} but vocab_size is {vocab_size}: the bin and "
+                        "meta.json (or the model's vocab_size) do not belong together")
+    return data
+
+
+def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
+    if device.startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class TokenWindows:
+    """Random windows of block_size+1 tokens from a flat token stream: x = w[:-1], y = w[1:]."""
+
+    def __init__(self, data_dir, split, block_size, batch_size, vocab_size, seed=1337, rank=0):
+        self.path = os.path.join(data_dir, f"{split}.bin")
+        n = len(open_tokens(data_dir, split, vocab_size))
+        if n < block_size + 1:
+            raise DataError(f"{self.path} holds {n} tokens, fewer than one block "
+                            f"(block_size+1 = {block_size + 1}); lower block_size or add data")
+        self.n, self.block_size, self.batch_size = n, block_size, batch_size
+        # Each rank draws its own windows: the seed includes the rank.
+        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+
+    def get_batch(self, device="cpu"):
+        # Re-open the memmap for every batch: a long-lived memmap keeps every page it ever
+        # touched resident, so RSS would grow with the dataset.
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")
+        starts = self.rng.integers(0, self.n - self.block_size, size=self.batch_size)
+        w = torch.from_numpy(np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64))
+        return _to_device(w[:, :-1], device), _to_device(w[:, 1:], device), None
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+class Examples:
+    """Whole examples from an example dataset, right-padded to the longest in the batch.
+
+    For an example e (tokens t_0..t_n): x = t_0..t_{n-1}, y = t_1..t_n, so the target at
+    position i is the token that follows it. With a mask file, y[i] counts as a target when
+    mask[i+1] = 1; the rest gets weight prompt_loss_weight (0: ignored). Padding is always
+    ignored (y = -1). An example longer than block_size+1 keeps its last block_size+1 tokens:
+    the answer sits at the end (the class token, the assistant reply), so the start is cut.
+    """
+
+    def __init__(self, data_dir, split, block_size, batch_size, vocab_size, seed=1337,
+                 rank=0, world_size=1, shuffle=True, prompt_loss_weight=0.0):
+        base = os.path.join(data_dir, split)
+        self.bin_path, self.mask_path = base + ".bin", base + ".mask.bin"
+        n_tokens = len(open_tokens(data_dir, split, vocab_size))
+        if not os.path.exists(base + ".idx"):
+            raise DataError(f"{base}.idx is missing: {data_dir} is not an example dataset")
+        self.starts = np.fromfile(base + ".idx", dtype=np.uint64).astype(np.int64)
+        self.ends = np.append(self.starts[1:], n_tokens)
+        if len(self.starts) == 0 or np.any(self.ends <= self.starts):
+            raise DataError(f"{base}.idx is empty or not increasing; re-run the prepare script")
+        self.has_mask = os.path.exists(self.mask_path)
+        if self.has_mask and os.path.getsize(self.mask_path) != n_tokens:
+            raise DataError(f"{self.mask_path} has {os.path.getsize(self.mask_path)} bytes but "
+                            f"{self.bin_path} has {n_tokens} tokens; re-run the prepare script")
+        self.block_size, self.batch_size = block_size, batch_size
+        self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
+        self.prompt_loss_weight = prompt_loss_weight
+        self.epoch, self.pos = 0, 0
+        self.order = self._order()
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self))
+        return np.random.Generator(np.random.PCG64([self.seed, self.epoch])).permutation(len(self))
+
+    def collate(self, indices, device="cpu"):
+        """(x, y, w) for the examples at indices; w is None unless 0 < prompt_loss_weight < 1."""
+        data = np.memmap(self.bin_path, dtype=np.uint16, mode="r")
+        masks = np.memmap(self.mask_path, dtype=np.uint8, mode="r") if self.has_mask else None
+        T = self.block_size
+        seqs = [(max(int(self.starts[i]), int(self.ends[i]) - (T + 1)), int(self.ends[i]))
+                for i in indices]
+        L = max(e - s for s, e in seqs) - 1
+        x = np.zeros((len(seqs), L), dtype=np.int64)
+        y = np.full((len(seqs), L), -1, dtype=np.int64)
+        w = np.zeros((len(seqs), L), dtype=np.float32)
+        for b, (s, e) in enumerate(seqs):
+            tok = data[s:e].astype(np.int64)
+            n = len(tok) - 1
+            x[b, :n], y[b, :n] = tok[:-1], tok[1:]
+            w[b, :n] = masks[s + 1:e] if masks is not None else 1.0
+        if masks is not None:
+            w = np.where(w > 0, 1.0, self.prompt_loss_weight).astype(np.float32)
+            w[y == -1] = 0.0
+            y[w == 0] = -1
+        weights = None
+        if masks is not None and 0 < self.prompt_loss_weight < 1:
+            weights = _to_device(torch.from_numpy(w), device)
+        return _to_device(torch.from_numpy(x), device), _to_device(torch.from_numpy(y), device), weights
+
+    def get_batch(self, device="cpu"):
+        """The next batch of this rank; epochs wrap around with a fresh shuffle."""
+        step = self.batch_size * self.world_size
+        if self.pos + step > len(self):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self.order = self._order()
+            if step > len(self):
+                raise DataError(f"{self.bin_path} holds {len(self)} examples, fewer than one "
+                                f"global batch ({step}); lower batch_size")
+        lo = self.pos + self.rank * self.batch_size
+        batch = self.order[lo:lo + self.batch_size]
+        self.pos += step
+        return self.collate(batch, device)
+
+    def iter_batches(self, device="cpu", max_batches=None):
+        """Every example once, in file order (this rank's share), for evaluation."""
+        mine = np.arange(len(self))[self.rank::self.world_size]
+        for k, lo in enumerate(range(0, len(mine), self.batch_size)):
+            if max_batches is not None and k >= max_batches:
+                return
+            yield mine[lo:lo + self.batch_size], self.collate(mine[lo:lo + self.batch_size], device)
+
+    @property
+    def epoch_float(self) -> float:
+        return self.epoch + self.pos / len(self)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
+        self.order = self._order()
+
+
+def is_example_dataset(data_dir: str) -> bool:
+    return os.path.exists(os.path.join(data_dir, "train.idx"))

@@ -1,0 +1,247 @@
+"""
+Tokenizers and the chat template.
+
+Three kinds, all saved to and loaded from a dataset's meta.json (and carried inside every
+checkpoint), so a model never needs anything but its ckpt.pt to read and write text:
+  char      a table of characters built from the corpus (Shakespeare-char)
+  tiktoken  OpenAI's GPT-2 BPE via tiktoken (offline: set TIKTOKEN_CACHE_DIR)
+  vocab     an explicit list of whitespace-separated tokens (image codes, imported vocabularies)
+Special tokens are real ids appended after the base vocabulary; encode() never turns text that
+merely looks like a special token into one, so user text cannot inject a turn boundary.
+"""
+import json
+import os
+
+META_VERSION = 1
+
+# Chat template: one start-of-turn token per role, then the content, then END_OF_TURN.
+ROLE_TOKENS = {
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "tool": "<|tool|>",
+}
+END_OF_TURN = "<|end|>"
+CHAT_TOKENS = list(ROLE_TOKENS.values()) + [END_OF_TURN]
+
+
+class Tokenizer:
+    """Base class: subclasses implement _encode_text/_decode_bytes and the meta fields."""
+
+    kind = ""
+
+    def __init__(self, base_size: int, special_tokens: dict | None = None):
+        self.base_size = base_size
+        self.special_tokens: dict[str, int] = dict(special_tokens or {})
+        self.id_to_special = {i: s for s, i in self.special_tokens.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return max([self.base_size - 1, *self.special_tokens.values()]) + 1
+
+    def add_special_tokens(self, names: list[str]) -> list[str]:
+        """Append the names that are not yet special tokens as new ids; return the added ones."""
+        added = []
+        for name in names:
+            if name not in self.special_tokens:
+                self.special_tokens[name] = self.vocab_size
+                self.id_to_special[self.special_tokens[name]] = name
+                added.append(name)
+        return added
+
+    def token_id(self, name: str) -> int:
+        if name not in self.special_tokens:
+            raise KeyError(f"special token {name!r} is not in this tokenizer "
+                           f"(it has: {sorted(self.special_tokens)})")
+        return self.special_tokens[name]
+
+    def encode(self, text: str) -> list[int]:
+        return self._encode_text(text)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def decode_bytes(self, ids) -> bytes:
+        """Bytes of a token sequence; special tokens are rendered by name."""
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i in self.id_to_special:
+                if run:
+                    out.append(self._decode_bytes(run))
+                    run = []
+                out.append(self.id_to_special[i].encode("utf-8"))
+            else:
+                run.append(i)
+        if run:
+            out.append(self._decode_bytes(run))
+        return b"".join(out)
+
+    def to_meta(self, **extra) -> dict:
+        meta = {"format_version": META_VERSION, "kind": self.kind, "vocab_size": self.vocab_size,
+                **self._meta_fields(), "special_tokens": dict(self.special_tokens)}
+        meta.update(extra)
+        return meta
+
+
+class CharTokenizer(Tokenizer):
+    kind = "char"
+
+    def __init__(self, chars: list[str], special_tokens=None):
+        super().__init__(len(chars), special_tokens)
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    def _encode_text(self, text: str) -> list[int]:
+        # A character the corpus never had has no id: it is dropped (count with count_unknown).
+        return [self.stoi[c] for c in text if c in self.stoi]
+
+    def count_unknown(self, text: str) -> int:
+        return sum(c not in self.stoi for c in text)
+
+    def _decode_bytes(self, ids) -> bytes:
+        return "".join(self.chars[i] if i < len(self.chars) else "\ufffd" for i in ids).encode()
+
+    def _meta_fields(self) -> dict:
+        return {"chars": self.chars}
+
+
+class TiktokenTokenizer(Tokenizer):
+    kind = "tiktoken"
+
+    def __init__(self, encoding: str = "gpt2", special_tokens=None):
+        import tiktoken
+        try:
+            self.enc = tiktoken.get_encoding(encoding)
+        except Exception as e:  # no network and no cache: say how to fix it
+            raise RuntimeError(
+                f"tiktoken could not load the {encoding!r} encoding ({e}). Offline, point "
+                "TIKTOKEN_CACHE_DIR at a folder holding its BPE files, e.g. "
+                "export TIKTOKEN_CACHE_DIR=../shared/tiktoken") from None
+        self.encoding = encoding
+        specials = {"<|endoftext|>": self.enc.eot_token}
+        specials.update(special_tokens or {})
+        super().__init__(self.enc.n_vocab, specials)
+        # tiktoken's own specials (<|endoftext|>) live inside n_vocab; appended ones come after.
+        self.base_size = self.enc.n_vocab
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def _decode_bytes(self, ids) -> bytes:
+        return self.enc.decode_bytes([i for i in ids if i < self.enc.n_vocab])
+
+    def _meta_fields(self) -> dict:
+        return {"encoding": self.encoding}
+
+
+class VocabTokenizer(Tokenizer):
+    """An explicit token list; text is whitespace-separated tokens. Special tokens are entries
+    of the list (or appended) that are listed in special_tokens."""
+
+    kind = "vocab"
+
+    def __init__(self, tokens: list[str], special_tokens=None, unk_token: str | None = None):
+        super().__init__(len(tokens), special_tokens)
+        self.tokens = list(tokens)
+        self.stoi = {t: i for i, t in enumerate(self.tokens)}
+        self.unk_token = unk_token
+
+    def add_special_tokens(self, names):
+        added = []
+        for name in names:
+            if name in self.stoi and name not in self.special_tokens:
+                self.special_tokens[name] = self.stoi[name]
+                self.id_to_special[self.stoi[name]] = name
+            elif name not in self.special_tokens:
+                self.tokens.append(name)
+                self.stoi[name] = len(self.tokens) - 1
+                self.special_tokens[name] = self.stoi[name]
+                self.id_to_special[self.stoi[name]] = name
+                added.append(name)
+        self.base_size = len(self.tokens)
+        return added
+
+    def encode(self, text: str) -> list[int]:
+        # In a vocab tokenizer every token is spelled out, specials included.
+        ids = []
+        for tok in text.split():
+            if tok in self.stoi:
+                ids.append(self.stoi[tok])
+            elif self.unk_token is not None:
+                ids.append(self.stoi[self.unk_token])
+            else:
+                raise KeyError(f"token {tok!r} is not in the vocabulary and it has no unk token")
+        return ids
+
+    _encode_text = encode
+
+    def decode_bytes(self, ids) -> bytes:
+        return " ".join(self.tokens[int(i)] if int(i) < len(self.tokens) else "<?>"
+                        for i in ids).encode()
+
+    def _meta_fields(self) -> dict:
+        return {"tokens": self.tokens, "unk_token": self.unk_token}
+
+
+def from_meta(meta: dict) -> Tokenizer:
+    """Rebuild the tokenizer that a meta.json (or a checkpoint's 'tokenizer' entry) describes."""
+    version = meta.get("format_version", 1)
+    if version > META_VERSION:
+        raise ValueError(f"meta.json format_version {version} is newer than this danlu "
+                         f"understands ({META_VERSION}); update danlu")
+    kind, specials = meta.get("kind"), meta.get("special_tokens", {})
+    if kind == "char":
+        tok = CharTokenizer(meta["chars"], specials)
+    elif kind == "tiktoken":
+        tok = TiktokenTokenizer(meta.get("encoding", "gpt2"), specials)
+    elif kind == "vocab":
+        tok = VocabTokenizer(meta["tokens"], specials, meta.get("unk_token"))
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r} in meta.json (char, tiktoken or vocab)")
+    if tok.vocab_size != meta.get("vocab_size", tok.vocab_size):
+        raise ValueError(f"meta.json says vocab_size={meta['vocab_size']} but its tokenizer "
+                         f"has {tok.vocab_size} ids; the file was edited or is corrupt")
+    return tok
+
+
+def load_meta(data_dir: str) -> dict:
+    path = os.path.join(data_dir, "meta.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_meta(data_dir: str, meta: dict) -> None:
+    os.makedirs(data_dir, exist_ok=True)
+    tmp = os.path.join(data_dir, "meta.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, os.path.join(data_dir, "meta.json"))
+
+
+# ----------------------------------------------------------------------------- chat template
+
+def render_conversation(tok: Tokenizer, messages: list[dict],
+                        add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+    """Render [{"role", "content"}, ...] to (ids, mask). mask[i] = 1 where ids[i] is a training
+    target: the content of assistant turns and their end-of-turn token, nothing else. With
+    add_generation_prompt, an assistant start-of-turn is appended for the model to continue.
+    The same function builds SFT data and chat prompts, so the two cannot drift apart."""
+    end = tok.token_id(END_OF_TURN)
+    ids, mask = [], []
+    for m in messages:
+        role = m["role"]
+        if role not in ROLE_TOKENS:
+            raise ValueError(f"unknown role {role!r}; the template knows {sorted(ROLE_TOKENS)}")
+        content = tok.encode(m["content"])
+        target = 1 if role == "assistant" else 0
+        ids += [tok.token_id(ROLE_TOKENS[role])] + content + [end]
+        mask += [0] + [target] * len(content) + [target]
+    if add_generation_prompt:
+        ids.append(tok.token_id(ROLE_TOKENS["assistant"]))
+        mask.append(0)
+    return ids, mask
