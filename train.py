@@ -1,0 +1,505 @@
+"""
+Pretraining, and the one training loop that sft.py reuses.
+
+    python train.py config/shakespeare_char_cpu.py [--key=value ...]
+    torchrun --standalone --nproc_per_node=8 train.py config/gpt2_124m.py
+
+Flat token datasets are read as random block_size windows; example datasets (data/<name>/*.idx,
+e.g. tiny_cls) as whole examples with their loss masks. The run folder weight/<run>/ gets
+ckpt.pt, config.json, log.jsonl and loss.png. Ctrl-C / SIGTERM finishes the step, saves and exits.
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import (ConfigError, Runtime, config_dict, load_checkpoint, load_config, peak_flops,
+                    print0, save_checkpoint, setup_runtime, subset)
+from data import Examples, TokenWindows, dataset_dir, is_example_dataset
+from model import GPT, GPTConfig
+from tokenizer import load_meta
+
+
+@dataclass
+class TrainConfig(GPTConfig):
+    # data and run folder
+    dataset: str = "shakespeare_char"  # data/<dataset>/
+    out_dir: str = ""  # default: weight/<dataset>
+    init_from: str = "scratch"  # scratch | resume | auto (resume if out_dir has a checkpoint)
+    vocab_size: int = 0  # 0: from the dataset's meta.json
+    batch_size: int = 12  # per process, per micro-step
+    gradient_accumulation_steps: int = 1  # global: divided by the number of processes
+    prompt_loss_weight: float = 0.0  # example datasets: loss weight of tokens that are not targets
+    # optimizer and schedule
+    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
+    learning_rate: float = 6e-4
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: off
+    max_iters: int = 5000
+    decay_lr: bool = True
+    lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay)
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0  # 0: max_iters
+    cooldown_frac: float = 0.3  # wsd: the last fraction of lr_decay_iters decays linearly
+    min_lr: float = 6e-5
+    # evaluation, logging, checkpoints
+    eval_interval: int = 250
+    eval_iters: int = 200
+    eval_only: bool = False
+    log_interval: int = 10
+    always_save_checkpoint: bool = True
+    target_val_loss: float = 0.0  # >0: stop at the first eval at or below it
+    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    wandb_log: bool = False
+    wandb_project: str = "danlu"
+    wandb_run_name: str = ""
+    # system
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
+    compile: bool = False
+    seed: int = 1337
+
+
+# ----------------------------------------------------------------------------- setup
+
+def model_config_for(cfg, meta: dict) -> GPTConfig:
+    """The model's config: the GPTConfig keys of cfg, vocab_size from meta.json unless set.
+    A BPE-sized vocabulary is padded to a multiple of 64, which matmuls run faster on."""
+    mcfg = subset(GPTConfig, cfg)
+    if cfg.vocab_size == 0:
+        v = meta["vocab_size"]
+        mcfg.vocab_size = 64 * math.ceil(v / 64) if v >= 1024 else v
+    elif cfg.vocab_size < meta["vocab_size"]:
+        raise ConfigError(f"vocab_size = {cfg.vocab_size} is smaller than the dataset's "
+                          f"{meta['vocab_size']}; leave it at 0 to take the dataset's")
+    return mcfg
+
+
+def make_loaders(cfg, data_dir: str, meta: dict, run: Runtime, vocab_size: int) -> dict:
+    """Train batches for this rank, plus fixed evaluation batches for each split."""
+    if is_example_dataset(data_dir):
+        def make(split, shuffle, rank, world):
+            return Examples(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, cfg.seed,
+                            rank, world, shuffle, cfg.prompt_loss_weight)
+        return {"train": make("train", True, run.rank, run.world_size),
+                "eval": {s: make(s, False, run.rank, run.world_size) for s in ("train", "val")}}
+
+    def windows(split, seed):
+        return TokenWindows(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, seed, run.rank)
+    return {"train": windows("train", cfg.seed),
+            "eval": {s: windows(s, cfg.seed + 1) for s in ("train", "val")}}
+
+
+def lr_multiplier(it: int, cfg) -> float:
+    """Linear warmup, then cosine to min_lr, or (wsd) constant then a linear cooldown."""
+    if not cfg.decay_lr:
+        return 1.0
+    decay_iters = cfg.lr_decay_iters or cfg.max_iters
+    floor = cfg.min_lr / cfg.learning_rate
+    if it < cfg.warmup_iters:
+        return (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return floor
+    if cfg.lr_schedule == "wsd":
+        start = decay_iters * (1 - cfg.cooldown_frac)
+        return 1.0 if it < start else floor + (1 - floor) * (decay_iters - it) / (decay_iters - start)
+    ratio = (it - cfg.warmup_iters) / max(1, decay_iters - cfg.warmup_iters)
+    return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
+
+
+def make_optimizers(cfg, model: GPT, run: Runtime) -> list:
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "adamw":
+        opts = [model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, run.device_type)]
+    elif cfg.optimizer == "muon":
+        from muon import make_muon_optimizers
+        opts = make_muon_optimizers(model, cfg, run.device_type)
+    else:
+        raise ConfigError(f"optimizer = {cfg.optimizer!r}: choose adamw or muon")
+    for opt in opts:  # the schedule scales each group from the rate it started with
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+    return opts
+
+
+def rng_state(loader) -> dict:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python": random.getstate(), "loader": loader.state_dict()}
+
+
+def set_rng_state(state: dict, loader) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
+    random.setstate(state["python"])
+    loader.load_state_dict(state["loader"])
+
+
+def gather(obj, run: Runtime) -> list:
+    """obj from every rank, in rank order (a one-element list without DDP)."""
+    if not run.ddp:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * run.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool, run: Runtime) -> bool:
+    """True on every rank if it is true on any: ranks must agree on when to skip or stop."""
+    if not run.ddp:
+        return flag
+    import torch.distributed as dist
+    t = torch.tensor([float(flag)], device=run.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
+    """Mean loss over up to eval_iters batches of each split (the same batches every time)."""
+    out = {}
+    model.eval()
+    for split, loader in loaders.items():
+        total, count = torch.zeros(2, device=run.device), 0
+        if isinstance(loader, Examples):
+            batches = (b for _, b in loader.iter_batches(run.device, cfg.eval_iters))
+        else:  # reseed so every evaluation sees the same windows
+            loader.rng = np.random.Generator(np.random.PCG64([cfg.seed + 1, run.rank]))
+            batches = (loader.get_batch(run.device) for _ in range(cfg.eval_iters))
+        for x, y, w in batches:
+            with run.autocast:
+                _, loss = model(x, y, w)
+            n = (y != -1).sum() if w is None else w.sum()
+            total += torch.stack([loss.float() * n, n.float()])
+            count += 1
+        if run.ddp:
+            import torch.distributed as dist
+            dist.all_reduce(total)
+        out[f"{split}_loss"] = (total[0] / total[1].clamp(min=1)).item()
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class Logger:
+    """log.jsonl, loss.png, the progress bar and wandb; all of it on rank 0 only."""
+
+    def __init__(self, cfg, run: Runtime, start_iter: int, total_iters: int):
+        self.enabled = run.master
+        self.path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.records = []
+        self.bar = None
+        self.wandb = None
+        if not self.enabled:
+            return
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if start_iter == 0 and os.path.exists(self.path):
+            os.remove(self.path)  # a fresh run starts a fresh log
+        elif os.path.exists(self.path):  # resuming: keep what the earlier part logged
+            with open(self.path) as f:
+                self.records = [r for r in map(json.loads, f) if r["iter"] <= start_iter]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
+        from tqdm import tqdm
+        self.bar = tqdm(total=total_iters, initial=start_iter, dynamic_ncols=True,
+                        disable=not sys.stderr.isatty(), desc="train")
+        if cfg.wandb_log:
+            import wandb
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
+                                    config=config_dict(cfg), resume="allow")
+
+    def log(self, record: dict, printed: str | None = None) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["iter"])
+        if printed:
+            if self.bar.disable:
+                print(printed, flush=True)
+            else:
+                self.bar.write(printed)
+
+    def plot(self, out_dir: str) -> None:
+        if not self.enabled:
+            return
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [(r["iter"], r["train_loss"]) for r in self.records if "lr" in r]
+        evals = [(r["iter"], r["val_loss"]) for r in self.records if "val_loss" in r]
+        for pts, label in ((steps, "train loss (step)"), (evals, "val loss")):
+            if pts:
+                ax.plot(*zip(*pts), label=label)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+class StopSignal:
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.raised = None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.raised is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.raised = signal.Signals(signum).name
+
+
+def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
+          state: dict | None = None, extra_eval=None) -> dict:
+    """The training loop shared by train.py and sft.py. `state` is a checkpoint to resume from;
+    `extra_eval(model)` adds metrics (val accuracy, sample replies) to each evaluation.
+    Returns a summary: iterations, best and last val loss, elapsed seconds, why it stopped."""
+    raw_model = model
+    optimizers = make_optimizers(cfg, raw_model, run)
+    iter_num, best_val_loss = 0, float("inf")
+    if state is not None:
+        for opt, opt_state in zip(optimizers, state["optimizer"]):
+            opt.load_state_dict(opt_state)
+        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
+        set_rng_state(state["rng"][run.rank], loaders["train"])
+    if cfg.compile:
+        model = torch.compile(model)
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+    if cfg.gradient_accumulation_steps % run.world_size:
+        raise ConfigError(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} must be "
+                          f"a multiple of the number of processes ({run.world_size})")
+    accum = cfg.gradient_accumulation_steps // run.world_size
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    logger = Logger(cfg, run, iter_num, cfg.max_iters)
+    stop = StopSignal()
+    peak = peak_flops(run.device, run.dtype)
+    start_time, t_last, tokens_since, nonfinite = time.time(), time.time(), 0, 0
+    elapsed0 = state.get("elapsed_s", 0.0) if state else 0.0
+    summary = {"stopped": "max_iters"}
+
+    def elapsed():
+        return elapsed0 + time.time() - start_time
+
+    def checkpoint():
+        rng = gather(rng_state(loaders["train"]), run)  # every rank's, so each resumes exactly
+        if run.master:
+            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
+                "model": raw_model.state_dict(), "model_config": config_dict(raw_model.config),
+                "train_config": config_dict(cfg), "tokenizer": tokenizer_meta,
+                "optimizer": [opt.state_dict() for opt in optimizers], "iter_num": iter_num,
+                "best_val_loss": best_val_loss, "rng": rng, "elapsed_s": elapsed()})
+
+    while True:
+        if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only:
+            metrics = estimate_loss(raw_model, loaders["eval"], cfg, run)
+            if extra_eval is not None:
+                metrics.update(extra_eval(raw_model))
+            val = metrics["val_loss"]
+            record = {"iter": iter_num, "elapsed_s": round(elapsed(), 3), **metrics,
+                      "val_ppl": math.exp(min(val, 50))}
+            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            logger.log(record, f"eval {iter_num}: {shown} ({elapsed():.1f}s)")
+            logger.plot(cfg.out_dir)
+            improved = val < best_val_loss
+            best_val_loss = min(best_val_loss, val)
+            if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+                checkpoint()
+            if cfg.target_val_loss > 0 and val <= cfg.target_val_loss:
+                summary["stopped"] = "target_val_loss"
+                logger.log({"iter": iter_num, "elapsed_s": round(elapsed(), 3), "event": "target_reached",
+                            "val_loss": val}, f"reached val loss {val:.4f} <= {cfg.target_val_loss} "
+                                              f"at iter {iter_num} in {elapsed():.1f}s")
+                break
+        if iter_num >= cfg.max_iters or cfg.eval_only:
+            break
+
+        mult = lr_multiplier(iter_num, cfg)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+        loss_sum = torch.zeros((), device=run.device)
+        for micro in range(accum):
+            x, y, w = loaders["train"].get_batch(run.device)
+            tokens_since += x.numel() * run.world_size
+            # DDP: average gradients across processes on the last micro-step only
+            sync = nullcontext() if not run.ddp or micro == accum - 1 else model.no_sync()
+            with sync:
+                with run.autocast:
+                    _, loss = model(x, y, w)
+                    loss = loss / accum
+                run.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        for opt in optimizers:
+            run.scaler.unscale_(opt)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        bad = not math.isfinite(loss_sum.item()) or (run.dtype != "float16" and not math.isfinite(grad_norm.item()))
+        if any_rank(bad, run):
+            nonfinite += 1
+            logger.log({"iter": iter_num, "elapsed_s": round(elapsed(), 3), "event": "nonfinite_loss",
+                        "train_loss": loss_sum.item()}, f"iter {iter_num}: non-finite loss, step skipped")
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            run.scaler.update()
+            if nonfinite >= cfg.max_nonfinite:
+                logger.close()
+                raise RuntimeError(f"{nonfinite} non-finite losses in a row at iter {iter_num}: "
+                                   f"training stopped. The last good checkpoint in {cfg.out_dir} "
+                                   "is kept; lower learning_rate or check the data.")
+            continue
+        nonfinite = 0
+        for opt in optimizers:
+            run.scaler.step(opt)
+        run.scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        iter_num += 1
+        if logger.bar is not None:
+            logger.bar.update(1)
+
+        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
+            dt = time.time() - t_last
+            tok_s = tokens_since / dt
+            loss_val = loss_sum.item()
+            mfu = tok_s * raw_model.flops_per_token(x.size(1)) / peak if peak else 0.0
+            record = {"iter": iter_num, "elapsed_s": round(elapsed(), 3), "train_loss": loss_val,
+                      "lr": optimizers[0].param_groups[0]["lr"], "tok_per_s": round(tok_s, 1),
+                      "mfu": round(mfu, 4), "grad_norm": round(grad_norm.item(), 4)}
+            logger.log(record, None if logger.bar and not logger.bar.disable else
+                       f"iter {iter_num}: loss {loss_val:.4f}, {tok_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
+            if logger.bar:
+                logger.bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
+            t_last, tokens_since = time.time(), 0
+
+        if any_rank(stop.raised is not None, run):
+            checkpoint()
+            summary["stopped"] = "signal"
+            print0(f"\nstopped by {stop.raised or 'a signal on another rank'} after iter {iter_num}; "
+                   f"checkpoint saved to {cfg.out_dir}/ckpt.pt. Resume with the same command and "
+                   f"--init_from=resume")
+            break
+
+    if summary["stopped"] != "signal" and not cfg.eval_only:
+        checkpoint()  # always once more at the end, so every finished run can be sampled and resumed
+    logger.close()
+    summary.update(iters=iter_num, best_val_loss=best_val_loss, elapsed_s=elapsed(),
+                   last_eval=next((r for r in reversed(logger.records) if "val_loss" in r), None))
+    return summary
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
+    """The checkpoint to resume from, or None for a fresh start (init_from scratch/resume/auto)."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.init_from == "scratch":
+        return None
+    if cfg.init_from not in ("resume", "auto"):
+        raise ConfigError(f"init_from = {cfg.init_from!r}: choose scratch, resume or auto")
+    if not os.path.exists(path):
+        if cfg.init_from == "auto":
+            return None
+        raise ConfigError(f"init_from = 'resume' but {path} does not exist; start with "
+                          "--init_from=scratch (or auto)")
+    state = load_checkpoint(path, map_location=run.device)
+    saved = state["model_config"]
+    diff = {k: (saved.get(k), v) for k, v in config_dict(model_cfg).items() if saved.get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"{path} was trained with a different model config ({shown}); use "
+                          "the same config to resume, or another out_dir")
+    if len(state["rng"]) != run.world_size:
+        print0(f"note: the checkpoint was written by {len(state['rng'])} processes and this run "
+               f"has {run.world_size}; data order will differ from an uninterrupted run")
+        state["rng"] = [state["rng"][r % len(state["rng"])] for r in range(run.world_size)]
+    return state
+
+
+def prepare_run(cfg, run: Runtime) -> None:
+    """Resolve the run folder, print the config, save config.json, seed every RNG."""
+    if not cfg.out_dir:
+        cfg.out_dir = os.path.join("weight", os.path.basename(cfg.dataset.rstrip("/")))
+    print0("config:", json.dumps(config_dict(cfg), indent=None))
+    if run.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+            json.dump(config_dict(cfg), f, indent=1)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
+    run = setup_runtime(cfg.device, cfg.dtype)
+    prepare_run(cfg, run)
+    data_dir = dataset_dir(cfg.dataset)
+    meta = load_meta(data_dir)
+    model_cfg = model_config_for(cfg, meta)
+    state = resume_state(cfg, run, model_cfg)
+    model = GPT(model_cfg)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
+    model.to(run.device)
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, device {run.device}, dtype {run.dtype}")
+    loaders = make_loaders(cfg, data_dir, meta, run, model_cfg.vocab_size)
+    extra_eval = None
+    if meta.get("task") == "classify":
+        from classify import accuracy_eval
+        extra_eval = accuracy_eval(loaders["eval"]["val"], meta, run)
+    summary = train(cfg, run, model, loaders, meta, state, extra_eval)
+    print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
+           f"{summary['elapsed_s']:.1f}s; checkpoint in {cfg.out_dir}/ckpt.pt")
+    if run.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError, RuntimeError) as e:
+        if os.environ.get("DANLU_DEBUG"):
+            raise
+        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)
