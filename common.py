@@ -71,14 +71,23 @@ def load_config(cls, argv: list[str]):
             if key not in values:
                 raise _unknown(cls, key, path)
             values[key] = _check_type(cls, key, value, path)
-    for arg in args:
-        if not arg.startswith("--") or "=" not in arg:
+    hints = typing.get_type_hints(cls)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
             raise ConfigError(f"command line: {arg!r} is not of the form --key=value")
-        key, text = arg[2:].split("=", 1)
+        key, _, text = arg[2:].partition("=")
         if key not in values:
             raise _unknown(cls, key, "command line")
+        if "=" not in arg:  # --flag for a bool, --key value for the rest
+            if hints[key] is bool:
+                text = "True"
+            elif args and not args[0].startswith("--"):
+                text = args.pop(0)
+            else:
+                raise ConfigError(f"command line: --{key} needs a value (--{key}=...)")
         value = parse_cli_value(text)
-        if typing.get_type_hints(cls)[key] is str:
+        if hints[key] is str:
             value = text  # a string key takes the text as written (e.g. --out_dir=123)
         values[key] = _check_type(cls, key, value, "command line")
     return cls(**values)

@@ -1,0 +1,242 @@
+"""
+Use a trained checkpoint: continue text, chat, or classify. Needs nothing but weight/<run>/ckpt.pt
+(the tokenizer travels inside it).
+
+    python sample.py --out_dir=weight/shakespeare_char_cpu --start="ROMEO:" [--num_samples=3]
+    python sample.py --out_dir=weight/shakespeare_char_cpu --start=FILE:prompt.txt
+    python sample.py --out_dir=weight/sft_alpaca --chat [--system="You are terse."]
+    python sample.py --out_dir=weight/tiny_cls --classify [--split=val | --jsonl=FILE]
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common import ConfigError, load_config, load_model, pick_device, setup_runtime
+from tokenizer import END_OF_TURN, ROLE_TOKENS, StreamDecoder, from_meta, render_conversation
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "weight/shakespeare_char_cpu"
+    start: str = "\n"  # the prompt, or FILE:path to read it from a file
+    num_samples: int = 1
+    max_new_tokens: int = 200
+    temperature: float = 0.8  # 0: greedy
+    top_k: int = 200  # 0: off
+    top_p: float = 1.0
+    seed: int = 1337
+    block_size: int = 0  # 0: the checkpoint's; smaller limits the context
+    use_cache: bool = True
+    device: str = "auto"
+    dtype: str = "auto"
+    # chat
+    chat: bool = False
+    system: str = ""
+    # classification
+    classify: bool = False
+    split: str = "val"
+    jsonl: str = ""  # classify the examples of this JSONL file instead of a split
+    batch_size: int = 64
+
+
+def load(cfg: SampleConfig):
+    """(model, tokenizer, checkpoint, runtime) for cfg.out_dir."""
+    run = setup_runtime(pick_device(cfg.device), cfg.dtype)
+    model, ckpt = load_model(cfg.out_dir, run.device)
+    trained = model.config.block_size
+    if cfg.block_size > trained:
+        raise ConfigError(f"block_size = {cfg.block_size} is larger than the {trained} positions "
+                          f"the checkpoint was trained with; use --block_size={trained} or less")
+    if cfg.block_size:
+        model.config.block_size = cfg.block_size
+    return model, from_meta(ckpt["tokenizer"]), ckpt, run
+
+
+def encode_prompt(cfg: SampleConfig, tok, block_size: int) -> list[int]:
+    text = cfg.start
+    if text.startswith("FILE:"):
+        with open(text[5:], encoding="utf-8") as f:
+            text = f.read()
+    ids = tok.encode(text)
+    if not ids:
+        if "<|endoftext|>" in tok.special_tokens:  # GPT-2 style: an empty prompt starts a document
+            return [tok.special_tokens["<|endoftext|>"]]
+        raise ConfigError("the prompt is empty (or has no character this model knows); "
+                          "give one with --start=\"...\"")
+    if len(ids) >= block_size:
+        print(f"warning: the prompt has {len(ids)} tokens; keeping the last {block_size - 1} "
+              f"(block_size {block_size})", file=sys.stderr)
+        ids = ids[-(block_size - 1):]
+    return ids
+
+
+def stream(model, tok, ids: list[int], cfg: SampleConfig, run, generator, stop_tokens=(), out=sys.stdout):
+    """Generate after ids, writing text to out as it is made; return the new token ids
+    (without a final stop token)."""
+    x = torch.tensor([ids], dtype=torch.long, device=run.device)
+    decoder, new = StreamDecoder(tok), []
+    with run.autocast:
+        for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
+                                       cfg.top_p, stop_tokens, cfg.use_cache, generator):
+            t = int(t[0])
+            if t in stop_tokens:
+                break
+            new.append(t)
+            out.write(decoder.feed(t))
+            out.flush()
+    out.write(decoder.flush())
+    return new
+
+
+def sample_text(cfg: SampleConfig) -> None:
+    model, tok, _, run = load(cfg)
+    ids = encode_prompt(cfg, tok, model.config.block_size)
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    for i in range(cfg.num_samples):
+        sys.stdout.write(tok.decode(ids))
+        stream(model, tok, ids, cfg, run, generator)
+        sys.stdout.write("\n---------------\n" if i < cfg.num_samples - 1 else "\n")
+
+
+# ----------------------------------------------------------------------------- chat
+
+CHAT_HELP = "/reset clears the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply"
+
+
+def fit_history(tok, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+    """Drop the oldest turns after the system turn until the rendered prompt fits budget tokens."""
+    messages = list(messages)
+    while True:
+        ids, _ = render_conversation(tok, messages, add_generation_prompt=True)
+        first = 1 if messages and messages[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(messages) - first <= 1:
+            return messages, ids[-budget:]
+        del messages[first]
+
+
+def chat(cfg: SampleConfig) -> None:
+    model, tok, _, run = load(cfg)
+    missing = [t for t in list(ROLE_TOKENS.values()) + [END_OF_TURN] if t not in tok.special_tokens]
+    if missing:
+        raise ConfigError(f"{cfg.out_dir} has no chat tokens {missing}: it is not a chat model. "
+                          "Fine-tune it first with sft.py (see README, 'SFT and chat').")
+    interactive = sys.stdin.isatty()
+    end = tok.token_id(END_OF_TURN)
+    block = model.config.block_size
+    # keep room for the reply: at most half the context, and no more than max_new_tokens
+    budget = block - min(cfg.max_new_tokens, block // 2)
+    system = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    history = list(system)
+    generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
+    if interactive:
+        print(f"danlu chat ({cfg.out_dir}). {CHAT_HELP}")
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            print()
+            continue
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            break
+        if text == "/reset":
+            history = list(system)
+            print("(conversation cleared)")
+            continue
+        if text == "/help":
+            print(CHAT_HELP)
+            continue
+        if not text:
+            continue
+        history, ids = fit_history(tok, history + [{"role": "user", "content": text}], budget)
+        try:
+            reply = stream(model, tok, ids, cfg, run, generator, stop_tokens=(end,))
+        except KeyboardInterrupt:  # stop this reply, keep the session
+            reply = []
+            print(" [stopped]", end="")
+        print(flush=True)
+        history.append({"role": "assistant", "content": tok.decode(reply)})
+
+
+# ----------------------------------------------------------------------------- classify
+
+def classify(cfg: SampleConfig) -> dict:
+    from classify import evaluate, report
+    model, tok, ckpt, run = load(cfg)
+    meta = ckpt["tokenizer"]
+    if meta.get("task") != "classify":
+        raise ConfigError(f"{cfg.out_dir} was not trained on a classification dataset "
+                          "(its tokenizer has no class tokens)")
+    if cfg.jsonl:
+        from prepare.tiny_cls import read_jsonl
+        seqs, labels = read_jsonl(cfg.jsonl, tok, max_length=model.config.block_size + 1)
+        batches, source = _jsonl_batches(seqs, labels, meta, cfg.batch_size, run.device), cfg.jsonl
+    else:
+        from classify import loader_batches
+        from data import Examples, dataset_dir
+        data_dir = dataset_dir(ckpt["train_config"]["dataset"])
+        loader = Examples(data_dir, cfg.split, model.config.block_size, cfg.batch_size,
+                          model.config.vocab_size, shuffle=False)
+        batches, source = loader_batches(loader, run.device), f"{data_dir} {cfg.split}"
+    out = evaluate(model, batches, meta, run.autocast)
+    result = report(out["pred"], out["label"], out["confidence"], len(meta["class_tokens"]))
+    result["source"] = source
+    print_report(result)
+    path = os.path.join(cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir),
+                        "cls_eval.json")
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"wrote {path}")
+    return result
+
+
+def _jsonl_batches(seqs, labels, meta, batch_size, device):
+    """(x, y) batches of JSONL examples: x the sequence up to <CLS>, y with the label there."""
+    specials, class_tokens = meta["special_tokens"], meta["class_tokens"]
+    for lo in range(0, len(seqs), batch_size):
+        chunk = [np.asarray(s[:-1]) for s in seqs[lo:lo + batch_size]]  # drop <EOS>: x ends at <CLS_k>
+        L = max(len(s) for s in chunk)
+        x = torch.zeros(len(chunk), L, dtype=torch.long)
+        y = torch.full((len(chunk), L), -1, dtype=torch.long)
+        for b, s in enumerate(chunk):
+            x[b, :len(s)] = torch.from_numpy(s)
+            y[b, len(s) - 2] = specials[class_tokens[labels[lo + b]]]  # target at the <CLS> slot
+        yield x.to(device), y.to(device)
+
+
+def print_report(r: dict) -> None:
+    print(f"accuracy {100 * r['accuracy']:.2f}% on {r['n']} examples ({r['source']}), "
+          f"mean confidence {r['mean_confidence']:.3f}")
+    print("class  precision  recall     f1  support")
+    for k, m in r["per_class"].items():
+        print(f"{k:>5}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    print("confusion (rows: true class, columns: predicted)")
+    for k, row in enumerate(r["confusion"]):
+        print(f"{k:>5}  " + " ".join(f"{v:4d}" for v in row))
+
+
+def main(argv=None) -> None:
+    cfg = load_config(SampleConfig, sys.argv[1:] if argv is None else argv)
+    torch.manual_seed(cfg.seed)
+    if cfg.classify:
+        classify(cfg)
+    elif cfg.chat:
+        chat(cfg)
+    else:
+        sample_text(cfg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError, RuntimeError, OSError) as e:
+        if os.environ.get("DANLU_DEBUG"):
+            raise
+        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)
