@@ -9,6 +9,7 @@ checkpoint), so a model never needs anything but its ckpt.pt to read and write t
 Special tokens are real ids appended after the base vocabulary; encode() never turns text that
 merely looks like a special token into one, so user text cannot inject a turn boundary.
 """
+import codecs
 import json
 import os
 
@@ -29,6 +30,7 @@ class Tokenizer:
     """Base class: subclasses implement _encode_text/_decode_bytes and the meta fields."""
 
     kind = ""
+    separator = b""  # bytes between two decoded tokens (StreamDecoder needs it)
 
     def __init__(self, base_size: int, special_tokens: dict | None = None):
         self.base_size = base_size
@@ -144,6 +146,7 @@ class VocabTokenizer(Tokenizer):
     of the list (or appended) that are listed in special_tokens."""
 
     kind = "vocab"
+    separator = b" "  # decode_bytes joins tokens with a space
 
     def __init__(self, tokens: list[str], special_tokens=None, unk_token: str | None = None):
         super().__init__(len(tokens), special_tokens)
@@ -186,6 +189,29 @@ class VocabTokenizer(Tokenizer):
 
     def _meta_fields(self) -> dict:
         return {"tokens": self.tokens, "unk_token": self.unk_token}
+
+
+class StreamDecoder:
+    """Token ids in, one at a time; out, the text that is complete so far (for streaming to a
+    terminal). A BPE token can end inside a UTF-8 character (a Chinese character often spans two
+    or three GPT-2 tokens), so its bytes wait here until the character is whole. feed() for every
+    id, then flush(), gives exactly tok.decode(ids)."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.started = False
+
+    def feed(self, token_id: int) -> str:
+        piece = self.tok.decode_bytes([token_id])
+        if self.started:
+            piece = self.tok.separator + piece
+        self.started = True
+        return self.utf8.decode(piece)
+
+    def flush(self) -> str:
+        """Whatever is still buffered (an incomplete character becomes U+FFFD, as in decode)."""
+        return self.utf8.decode(b"", final=True)
 
 
 def from_meta(meta: dict) -> Tokenizer:

@@ -1,0 +1,78 @@
+"""
+Tiny Shakespeare at the character level: data/<name>/{train,val}.bin and meta.json.
+
+    python prepare/shakespeare_char.py                      # downloads input.txt (1.1 MB)
+    python prepare/shakespeare_char.py --input ../shared/data/tinyshakespeare.txt   # offline
+
+The character table is every character of the text, sorted (65 for Tiny Shakespeare). The first
+90% of the text is train and the last 10% val, as in nanoGPT, so the numbers compare with it.
+"""
+import argparse
+import os
+import sys
+import urllib.request
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import data  # noqa: E402
+import tokenizer  # noqa: E402
+
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+def download(path: str) -> None:
+    """Fetch the text to path (once: a later run reuses it)."""
+    try:
+        with urllib.request.urlopen(URL, timeout=30) as r:
+            text = r.read()
+    except OSError as e:  # URLError and socket timeouts are both OSErrors
+        raise data.DataError(f"could not download {URL} ({e}). Offline, pass a local copy: "
+                             "--input ../shared/data/tinyshakespeare.txt") from None
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(text)
+
+
+def write_split(path: str, tok: tokenizer.CharTokenizer, text: str) -> int:
+    writer = data.BinWriter(path, tok.vocab_size)
+    writer.write(tok.encode(text))
+    writer.close()
+    return writer.count
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--input", help="local copy of the text (default: download it)")
+    parser.add_argument("--name", default="shakespeare_char", help="writes data/<name>/")
+    args = parser.parse_args(argv)
+
+    out_dir = os.path.join("data", args.name)
+    path = args.input
+    if path is None:
+        path = os.path.join(out_dir, "input.txt")
+        if not os.path.exists(path):
+            download(path)
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if len(text) < 2:
+        raise data.DataError(f"{path} holds {len(text)} characters; need at least 2 to split")
+
+    tok = tokenizer.CharTokenizer.from_text(text)
+    n = int(len(text) * 0.9)
+    n_train = write_split(os.path.join(out_dir, "train.bin"), tok, text[:n])
+    n_val = write_split(os.path.join(out_dir, "val.bin"), tok, text[n:])
+    source = {"script": "prepare/shakespeare_char.py", "input": args.input or URL,
+              "characters": len(text), "split": "first 90% train, last 10% val",
+              "train_tokens": n_train, "val_tokens": n_val}
+    meta = tok.to_meta(source=source)
+    tokenizer.save_meta(out_dir, meta)
+    print(f"{len(text):,} characters, vocab_size {tok.vocab_size}: "
+          f"train {n_train:,} tokens, val {n_val:,} tokens -> {out_dir}/")
+    return meta
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except data.DataError as e:
+        sys.exit(f"error: {e}")

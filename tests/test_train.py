@@ -1,0 +1,219 @@
+"""Training end to end on a tiny char dataset: config, checkpoint, log, exact resume, sampling."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from common import ConfigError, load_config, load_model
+from conftest import ROOT
+from data import BinWriter, DataError
+from tokenizer import CharTokenizer, save_meta
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 40
+
+TINY = ["--dataset=tiny", "--device=cpu", "--block_size=32", "--batch_size=4", "--n_layer=2",
+        "--n_head=2", "--n_embd=32", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+        "--learning_rate=3e-3", "--min_lr=3e-4"]
+
+
+def make_char_dataset(root, name="tiny", text=TEXT):
+    tok = CharTokenizer.from_text(text)
+    n = int(0.9 * len(text))
+    for split, part in (("train", text[:n]), ("val", text[n:])):
+        w = BinWriter(os.path.join(root, "data", name, f"{split}.bin"), tok.vocab_size)
+        w.write(tok.encode(part))
+        w.close()
+    save_meta(os.path.join(root, "data", name), tok.to_meta())
+    return tok
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_char_dataset(tmp_path)
+    return tmp_path
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir):
+    return [(r["iter"], r["train_loss"]) for r in read_log(out_dir) if "lr" in r]
+
+
+def test_short_run_writes_checkpoint_log_and_config(tiny_data):
+    summary = train.main(TINY + ["--max_iters=20", "--eval_interval=10", "--out_dir=weight/a"])
+    assert summary["iters"] == 20
+    for name in ("ckpt.pt", "log.jsonl", "config.json", "loss.png"):
+        assert os.path.exists(f"weight/a/{name}"), name
+    log = read_log("weight/a")
+    evals = [r for r in log if "val_loss" in r]
+    assert [r["iter"] for r in evals] == [0, 10, 20]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert all({"iter", "elapsed_s"} <= set(r) for r in log)
+    assert {"train_loss", "lr", "tok_per_s", "mfu"} <= set(log[1])
+    ckpt = torch.load("weight/a/ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 20 and ckpt["format_version"] == 1
+    assert ckpt["tokenizer"]["kind"] == "char" and ckpt["train_config"]["max_iters"] == 20
+    assert json.load(open("weight/a/config.json"))["n_layer"] == 2
+
+
+def test_save_load_identical_logits(tiny_data):
+    train.main(TINY + ["--max_iters=5", "--out_dir=weight/a", "--pos_emb=rope", "--tie_embeddings=False"])
+    model, ckpt = load_model("weight/a")
+    again, _ = load_model("weight/a/ckpt.pt")
+    x = torch.randint(0, model.config.vocab_size, (2, 32))
+    assert torch.equal(model(x)[0], again(x)[0])
+    assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in ckpt["model"])
+
+
+def test_resume_continues_exact_loss_sequence(tiny_data):
+    """N iters + resume N more == 2N uninterrupted: same losses, same weights, bit for bit."""
+    common = TINY + ["--dropout=0.1", "--eval_interval=5", "--lr_decay_iters=20"]
+    train.main(common + ["--max_iters=20", "--out_dir=weight/full"])
+    train.main(common + ["--max_iters=10", "--out_dir=weight/split"])
+    train.main(common + ["--max_iters=20", "--out_dir=weight/split", "--init_from=resume"])
+    assert step_losses("weight/split") == step_losses("weight/full")
+    assert len(step_losses("weight/full")) == 20
+    a = torch.load("weight/full/ckpt.pt", weights_only=True)["model"]
+    b = torch.load("weight/split/ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_accumulation_matches_bigger_batch(tiny_data):
+    """Two micro-batches of 2 give the same update as one batch of 4 holding the same rows."""
+    from data import TokenWindows
+    loader = TokenWindows("data/tiny", "train", 32, 4, 65, seed=1)
+    x, y, _ = loader.get_batch()
+    cfg = load_config(train.TrainConfig, TINY)
+    models = []
+    for split in (False, True):
+        torch.manual_seed(0)
+        model = train.GPT(train.model_config_for(cfg, {"vocab_size": 65}))
+        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+        parts = [(x[:2], y[:2]), (x[2:], y[2:])] if split else [(x, y)]
+        for xb, yb in parts:
+            (model(xb, yb)[1] / len(parts)).backward()
+        opt.step()
+        models.append(model)
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_lr_schedule_shapes():
+    cfg = load_config(train.TrainConfig, ["--learning_rate=1.0", "--min_lr=0.1", "--warmup_iters=10",
+                                          "--max_iters=100"])
+    mults = [train.lr_multiplier(i, cfg) for i in range(120)]
+    assert mults[0] < mults[5] < mults[10] == pytest.approx(1.0, abs=1e-3)
+    assert mults[100] == mults[119] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(mults[10:100], mults[11:101]))
+    cfg.lr_schedule, cfg.cooldown_frac = "wsd", 0.2
+    mults = [train.lr_multiplier(i, cfg) for i in range(101)]
+    assert mults[50] == mults[79] == 1.0 and 0.1 < mults[90] < 1.0 and mults[100] == pytest.approx(0.1)
+
+
+# ----------------------------------------------------------------------------- config errors
+
+def test_unknown_key_in_file_and_cli(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("n_layers = 4\n")
+    with pytest.raises(ConfigError, match=r"bad\.py.*'n_layers'.*did you mean 'n_layer'"):
+        load_config(train.TrainConfig, [str(bad)])
+    with pytest.raises(ConfigError, match=r"command line.*'learning_rat'.*'learning_rate'"):
+        load_config(train.TrainConfig, ["--learning_rat=1e-3"])
+
+
+def test_wrong_type_and_computed_values(tmp_path):
+    with pytest.raises(ConfigError, match="n_layer = 'four'.*int"):
+        load_config(train.TrainConfig, ["--n_layer=four"])
+    with pytest.raises(ConfigError, match="compile.*bool"):
+        load_config(train.TrainConfig, ["--compile=1"])
+    cfg_file = tmp_path / "ok.py"
+    cfg_file.write_text("import math\nmax_iters = 300\nlr_decay_iters = max_iters\n"
+                        "learning_rate = 1\n_private = 3\n")
+    cfg = load_config(train.TrainConfig, [str(cfg_file), "--max_iters=10", "--out_dir=123", "--compile"])
+    assert (cfg.max_iters, cfg.lr_decay_iters, cfg.out_dir, cfg.compile) == (10, 300, "123", True)
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+
+
+def test_shipped_configs_load():
+    for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
+        if name.endswith(".py"):
+            cls = train.TrainConfig
+            if name.startswith("sft"):
+                sft = pytest.importorskip("sft")
+                cls = sft.SFTConfig
+            load_config(cls, [os.path.join(ROOT, "config", name)])
+
+
+# ----------------------------------------------------------------------------- bad data
+
+def test_missing_dataset_names_prepare_command(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="prepare/shakespeare_char.py"):
+        train.main(["--dataset=shakespeare_char", "--device=cpu"])
+
+
+def test_odd_sized_bin_and_out_of_range_ids(tiny_data):
+    with open("data/tiny/train.bin", "ab") as f:
+        f.write(b"\x00")
+    with pytest.raises(DataError, match="multiple of 2"):
+        train.main(TINY + ["--max_iters=1"])
+    make_char_dataset(tiny_data)
+    np.array([0, 1, 500], dtype=np.uint16).tofile("data/tiny/val.bin")
+    with pytest.raises(DataError, match="token id 500.*vocab_size"):
+        train.main(TINY + ["--max_iters=1"])
+
+
+def test_dataset_smaller_than_one_block(tiny_data):
+    make_char_dataset(tiny_data, "small", text="abcdefghij" * 3)
+    with pytest.raises(DataError, match="fewer than one block"):
+        train.main(TINY + ["--dataset=small", "--max_iters=1"])
+
+
+def test_resume_with_other_model_config_is_refused(tiny_data):
+    train.main(TINY + ["--max_iters=2", "--out_dir=weight/a"])
+    with pytest.raises(ConfigError, match="n_embd: checkpoint 32 vs config 64"):
+        train.main(TINY + ["--max_iters=4", "--out_dir=weight/a", "--init_from=resume", "--n_embd=64"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        train.main(TINY + ["--max_iters=4", "--out_dir=weight/b", "--init_from=resume"])
+
+
+# ----------------------------------------------------------------------------- sample.py
+
+def run_sample(*args, stdin=None):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_sample_same_seed_same_text(tiny_data):
+    train.main(TINY + ["--max_iters=30", "--out_dir=weight/a"])
+    args = ["--out_dir=weight/a", "--start=First", "--max_new_tokens=40", "--device=cpu", "--seed=3"]
+    a, b = run_sample(*args), run_sample(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("First") and len(a.stdout) > 40
+    assert run_sample(*args[:-1], "--seed=4").stdout != a.stdout
+    prompt = tiny_data / "prompt.txt"
+    prompt.write_text("All:\n")
+    c = run_sample("--out_dir=weight/a", f"--start=FILE:{prompt}", "--max_new_tokens=5", "--num_samples=2")
+    assert c.returncode == 0 and c.stdout.count("All:\n") == 2
+
+
+def test_sample_bad_inputs(tiny_data):
+    train.main(TINY + ["--max_iters=1", "--out_dir=weight/a"])
+    r = run_sample("--out_dir=weight/a", "--block_size=64")
+    assert r.returncode == 1 and "larger than the 32 positions" in r.stderr
+    r = run_sample("--out_dir=weight/a", "--start=")
+    assert r.returncode == 1 and "prompt is empty" in r.stderr
+    r = run_sample("--out_dir=weight/a", "--start=" + "speak " * 20, "--max_new_tokens=3")
+    assert r.returncode == 0 and "keeping the last 31" in r.stderr
+    r = run_sample("--out_dir=weight/a", "--temprature=0.5")
+    assert r.returncode == 1 and "did you mean 'temperature'" in r.stderr
