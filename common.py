@@ -227,9 +227,12 @@ def save_checkpoint(path: str, ckpt: dict) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # disk full, quota, permissions: say what survived
+            raise CheckpointError(f"could not write {path} ({e}); the previous checkpoint there is "
+                                  "untouched. Free disk space (or fix the folder) and resume.") from e
         raise
 
 

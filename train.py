@@ -273,156 +273,195 @@ class Logger:
 
 
 class StopSignal:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step."""
+    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (a second Ctrl-C
+    stops at once); restore() puts the previous handlers back."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.raised = None
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        if self.raised is not None:  # a second Ctrl-C: stop now
+        if self.raised is not None:
             raise KeyboardInterrupt
         self.raised = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """The training loop shared by train.py and sft.py: evaluate, checkpoint, step, log.
+    `state` is a checkpoint to resume from; `extra_eval(model)` adds metrics (val accuracy,
+    sample replies) to each evaluation."""
+
+    def __init__(self, cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
+                 state: dict | None = None, extra_eval=None):
+        if cfg.gradient_accumulation_steps % run.world_size:
+            raise ConfigError(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} must "
+                              f"be a multiple of the number of processes ({run.world_size})")
+        self.cfg, self.run, self.loaders, self.meta, self.extra_eval = cfg, run, loaders, tokenizer_meta, extra_eval
+        self.raw_model = model  # what checkpoints hold: no compile or DDP wrapper prefixes
+        self.optimizers = make_optimizers(cfg, model, run)
+        self.iter_num, self.best_val_loss, self.elapsed0 = 0, float("inf"), 0.0
+        if state is not None:
+            for opt, opt_state in zip(self.optimizers, state["optimizer"]):
+                opt.load_state_dict(opt_state)
+            self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
+            self.elapsed0 = state.get("elapsed_s", 0.0)
+            set_rng_state(state["rng"][run.rank], loaders["train"])
+        if cfg.compile:
+            model = torch.compile(model)
+        if run.ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+        self.model = model
+        self.accum = cfg.gradient_accumulation_steps // run.world_size
+        self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        self.peak = peak_flops(run.device, run.dtype)
+        self.nonfinite, self.tokens_since = 0, 0
+
+    def elapsed(self) -> float:
+        return self.elapsed0 + time.time() - self.start_time
+
+    def checkpoint(self) -> None:
+        rng = gather(rng_state(self.loaders["train"]), self.run)  # every rank's, for exact resume
+        if self.run.master:
+            opt_states = [opt.state_dict() for opt in self.optimizers]
+            save_checkpoint(os.path.join(self.cfg.out_dir, "ckpt.pt"), {
+                "model": self.raw_model.state_dict(), "model_config": config_dict(self.raw_model.config),
+                "train_config": config_dict(self.cfg), "tokenizer": self.meta, "optimizer": opt_states,
+                "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
+                "elapsed_s": self.elapsed()})
+
+    def evaluate(self) -> bool:
+        """Log val (and train) loss and extra metrics, checkpoint; True when the target is met."""
+        cfg, it = self.cfg, self.iter_num
+        metrics = estimate_loss(self.raw_model, self.loaders["eval"], cfg, self.run)
+        if self.extra_eval is not None:
+            metrics.update(self.extra_eval(self.raw_model))
+        val = metrics["val_loss"]
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        self.logger.log({"iter": it, "elapsed_s": round(self.elapsed(), 3), **metrics,
+                         "val_ppl": math.exp(min(val, 50))}, f"eval {it}: {shown} ({self.elapsed():.1f}s)")
+        self.logger.plot(cfg.out_dir)
+        improved = val < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val)
+        if it > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
+            self.checkpoint()
+        if cfg.target_val_loss > 0 and val <= cfg.target_val_loss:
+            self.logger.log({"iter": it, "elapsed_s": round(self.elapsed(), 3), "event": "target_reached",
+                             "val_loss": val}, f"reached val loss {val:.4f} <= {cfg.target_val_loss} "
+                                               f"at iter {it} in {self.elapsed():.1f}s")
+            return True
+        return False
+
+    def step(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """One optimizer step over `accum` micro-batches: (loss, grad norm, seq len), or None when
+        the loss was not finite and the step was skipped."""
+        run, mult = self.run, lr_multiplier(self.iter_num, self.cfg)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * mult
+        loss_sum = torch.zeros((), device=run.device)
+        for micro in range(self.accum):
+            x, y, w = self.loaders["train"].get_batch(run.device)
+            self.tokens_since += x.numel() * run.world_size
+            # DDP: average gradients across processes on the last micro-step only
+            last = micro == self.accum - 1
+            with nullcontext() if not run.ddp or last else self.model.no_sync():
+                with run.autocast:
+                    loss = self.model(x, y, w)[1] / self.accum
+                run.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        for opt in self.optimizers:
+            run.scaler.unscale_(opt)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        # fp16's GradScaler skips overflowing steps by itself; otherwise a non-finite norm is bad
+        bad = not math.isfinite(loss_sum.item()) or (run.dtype != "float16" and not math.isfinite(grad_norm.item()))
+        skip = any_rank(bad, run)  # every rank skips together, or none does
+        if not skip:
+            for opt in self.optimizers:
+                run.scaler.step(opt)
+        run.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return None if skip else (loss_sum, grad_norm, x.size(1))
+
+    def skipped(self) -> None:
+        """Log a skipped step; after max_nonfinite in a row, stop with the last checkpoint kept."""
+        self.nonfinite += 1
+        self.logger.log({"iter": self.iter_num, "elapsed_s": round(self.elapsed(), 3),
+                         "event": "nonfinite_loss"}, f"iter {self.iter_num}: non-finite loss, step skipped")
+        if self.nonfinite >= self.cfg.max_nonfinite:
+            raise RuntimeError(f"{self.nonfinite} non-finite losses in a row at iter {self.iter_num}: "
+                               f"training stopped. The last good checkpoint in {self.cfg.out_dir} is "
+                               "kept; lower learning_rate or check the data.")
+
+    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, seq_len: int) -> None:
+        dt = time.time() - self.t_last
+        tok_s = self.tokens_since / dt
+        mfu = tok_s * self.raw_model.flops_per_token(seq_len) / self.peak if self.peak else 0.0
+        record = {"iter": self.iter_num, "elapsed_s": round(self.elapsed(), 3), "train_loss": loss.item(),
+                  "lr": self.optimizers[0].param_groups[0]["lr"], "tok_per_s": round(tok_s, 1),
+                  "mfu": round(mfu, 4), "grad_norm": round(grad_norm.item(), 4)}
+        bar = self.logger.bar
+        self.logger.log(record, None if bar is not None and not bar.disable else
+                        f"iter {self.iter_num}: loss {record['train_loss']:.4f}, {tok_s:,.0f} tok/s, "
+                        f"mfu {100 * mfu:.1f}%")
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
+        self.t_last, self.tokens_since = time.time(), 0
+
+    def fit(self) -> dict:
+        """Train to max_iters (or the target, or a signal). Returns a summary: iterations, best
+        val loss, elapsed seconds, why it stopped, the last evaluation."""
+        cfg = self.cfg
+        self.logger = Logger(cfg, self.run, self.iter_num, cfg.max_iters)
+        stop, stopped = StopSignal(), "max_iters"
+        self.start_time = self.t_last = time.time()
+        try:
+            while True:
+                if self.iter_num % cfg.eval_interval == 0 or self.iter_num >= cfg.max_iters or cfg.eval_only:
+                    if self.evaluate():
+                        stopped = "target_val_loss"
+                        break
+                if self.iter_num >= cfg.max_iters or cfg.eval_only:
+                    break
+                result = self.step()
+                if result is None:
+                    self.skipped()
+                    continue
+                self.nonfinite = 0
+                self.iter_num += 1
+                if self.logger.bar is not None:
+                    self.logger.bar.update(1)
+                if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters:
+                    self.log_step(*result)
+                if any_rank(stop.raised is not None, self.run):
+                    stopped = "signal"
+                    break
+            if not cfg.eval_only:
+                self.checkpoint()  # always at the end: every finished run can be sampled and resumed
+        finally:
+            stop.restore()
+            self.logger.close()
+        if stopped == "signal":
+            print0(f"\nstopped by {stop.raised or 'a signal on another rank'} after iter {self.iter_num}; "
+                   f"checkpoint saved to {cfg.out_dir}/ckpt.pt. Resume with the same command and "
+                   "--init_from=resume")
+        last_eval = next((r for r in reversed(self.logger.records) if "val_loss" in r), None)
+        return {"stopped": stopped, "iters": self.iter_num, "best_val_loss": self.best_val_loss,
+                "elapsed_s": self.elapsed(), "last_eval": last_eval}
 
 
 def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
           state: dict | None = None, extra_eval=None) -> dict:
-    """The training loop shared by train.py and sft.py. `state` is a checkpoint to resume from;
-    `extra_eval(model)` adds metrics (val accuracy, sample replies) to each evaluation.
-    Returns a summary: iterations, best and last val loss, elapsed seconds, why it stopped."""
-    raw_model = model
-    optimizers = make_optimizers(cfg, raw_model, run)
-    iter_num, best_val_loss = 0, float("inf")
-    if state is not None:
-        for opt, opt_state in zip(optimizers, state["optimizer"]):
-            opt.load_state_dict(opt_state)
-        iter_num, best_val_loss = state["iter_num"], state["best_val_loss"]
-        set_rng_state(state["rng"][run.rank], loaders["train"])
-    if cfg.compile:
-        model = torch.compile(model)
-    if run.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
-    if cfg.gradient_accumulation_steps % run.world_size:
-        raise ConfigError(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} must be "
-                          f"a multiple of the number of processes ({run.world_size})")
-    accum = cfg.gradient_accumulation_steps // run.world_size
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    logger = Logger(cfg, run, iter_num, cfg.max_iters)
-    stop = StopSignal()
-    peak = peak_flops(run.device, run.dtype)
-    start_time, t_last, tokens_since, nonfinite = time.time(), time.time(), 0, 0
-    elapsed0 = state.get("elapsed_s", 0.0) if state else 0.0
-    summary = {"stopped": "max_iters"}
-
-    def elapsed():
-        return elapsed0 + time.time() - start_time
-
-    def checkpoint():
-        rng = gather(rng_state(loaders["train"]), run)  # every rank's, so each resumes exactly
-        if run.master:
-            save_checkpoint(os.path.join(cfg.out_dir, "ckpt.pt"), {
-                "model": raw_model.state_dict(), "model_config": config_dict(raw_model.config),
-                "train_config": config_dict(cfg), "tokenizer": tokenizer_meta,
-                "optimizer": [opt.state_dict() for opt in optimizers], "iter_num": iter_num,
-                "best_val_loss": best_val_loss, "rng": rng, "elapsed_s": elapsed()})
-
-    while True:
-        if iter_num % cfg.eval_interval == 0 or iter_num >= cfg.max_iters or cfg.eval_only:
-            metrics = estimate_loss(raw_model, loaders["eval"], cfg, run)
-            if extra_eval is not None:
-                metrics.update(extra_eval(raw_model))
-            val = metrics["val_loss"]
-            record = {"iter": iter_num, "elapsed_s": round(elapsed(), 3), **metrics,
-                      "val_ppl": math.exp(min(val, 50))}
-            shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            logger.log(record, f"eval {iter_num}: {shown} ({elapsed():.1f}s)")
-            logger.plot(cfg.out_dir)
-            improved = val < best_val_loss
-            best_val_loss = min(best_val_loss, val)
-            if iter_num > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-                checkpoint()
-            if cfg.target_val_loss > 0 and val <= cfg.target_val_loss:
-                summary["stopped"] = "target_val_loss"
-                logger.log({"iter": iter_num, "elapsed_s": round(elapsed(), 3), "event": "target_reached",
-                            "val_loss": val}, f"reached val loss {val:.4f} <= {cfg.target_val_loss} "
-                                              f"at iter {iter_num} in {elapsed():.1f}s")
-                break
-        if iter_num >= cfg.max_iters or cfg.eval_only:
-            break
-
-        mult = lr_multiplier(iter_num, cfg)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["base_lr"] * mult
-        loss_sum = torch.zeros((), device=run.device)
-        for micro in range(accum):
-            x, y, w = loaders["train"].get_batch(run.device)
-            tokens_since += x.numel() * run.world_size
-            # DDP: average gradients across processes on the last micro-step only
-            sync = nullcontext() if not run.ddp or micro == accum - 1 else model.no_sync()
-            with sync:
-                with run.autocast:
-                    _, loss = model(x, y, w)
-                    loss = loss / accum
-                run.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        for opt in optimizers:
-            run.scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        bad = not math.isfinite(loss_sum.item()) or (run.dtype != "float16" and not math.isfinite(grad_norm.item()))
-        if any_rank(bad, run):
-            nonfinite += 1
-            logger.log({"iter": iter_num, "elapsed_s": round(elapsed(), 3), "event": "nonfinite_loss",
-                        "train_loss": loss_sum.item()}, f"iter {iter_num}: non-finite loss, step skipped")
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            run.scaler.update()
-            if nonfinite >= cfg.max_nonfinite:
-                logger.close()
-                raise RuntimeError(f"{nonfinite} non-finite losses in a row at iter {iter_num}: "
-                                   f"training stopped. The last good checkpoint in {cfg.out_dir} "
-                                   "is kept; lower learning_rate or check the data.")
-            continue
-        nonfinite = 0
-        for opt in optimizers:
-            run.scaler.step(opt)
-        run.scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        iter_num += 1
-        if logger.bar is not None:
-            logger.bar.update(1)
-
-        if iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters:
-            dt = time.time() - t_last
-            tok_s = tokens_since / dt
-            loss_val = loss_sum.item()
-            mfu = tok_s * raw_model.flops_per_token(x.size(1)) / peak if peak else 0.0
-            record = {"iter": iter_num, "elapsed_s": round(elapsed(), 3), "train_loss": loss_val,
-                      "lr": optimizers[0].param_groups[0]["lr"], "tok_per_s": round(tok_s, 1),
-                      "mfu": round(mfu, 4), "grad_norm": round(grad_norm.item(), 4)}
-            logger.log(record, None if logger.bar and not logger.bar.disable else
-                       f"iter {iter_num}: loss {loss_val:.4f}, {tok_s:,.0f} tok/s, mfu {100 * mfu:.1f}%")
-            if logger.bar:
-                logger.bar.set_postfix(loss=f"{loss_val:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
-            t_last, tokens_since = time.time(), 0
-
-        if any_rank(stop.raised is not None, run):
-            checkpoint()
-            summary["stopped"] = "signal"
-            print0(f"\nstopped by {stop.raised or 'a signal on another rank'} after iter {iter_num}; "
-                   f"checkpoint saved to {cfg.out_dir}/ckpt.pt. Resume with the same command and "
-                   f"--init_from=resume")
-            break
-
-    if summary["stopped"] != "signal" and not cfg.eval_only:
-        checkpoint()  # always once more at the end, so every finished run can be sampled and resumed
-    logger.close()
-    summary.update(iters=iter_num, best_val_loss=best_val_loss, elapsed_s=elapsed(),
-                   last_eval=next((r for r in reversed(logger.records) if "val_loss" in r), None))
-    return summary
+    """Run the shared training loop (see Trainer); returns its summary."""
+    return Trainer(cfg, run, model, loaders, tokenizer_meta, state, extra_eval).fit()
 
 
 # ----------------------------------------------------------------------------- entry point
