@@ -175,16 +175,18 @@ def any_rank(flag: bool, run: Runtime) -> bool:
 
 @torch.no_grad()
 def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
-    """Mean loss over up to eval_iters batches of each split (the same batches every time)."""
+    """Mean loss over up to eval_iters batches of each split (the same batches every time).
+    eval_iters is global, like gradient_accumulation_steps: each process runs its share."""
     out = {}
+    n_batches = math.ceil(cfg.eval_iters / run.world_size)
     model.eval()
     for split, loader in loaders.items():
         total, count = torch.zeros(2, device=run.device), 0
         if isinstance(loader, Examples):
-            batches = (b for _, b in loader.iter_batches(run.device, cfg.eval_iters))
+            batches = (b for _, b in loader.iter_batches(run.device, n_batches))
         else:  # reseed so every evaluation sees the same windows
             loader.rng = np.random.Generator(np.random.PCG64([cfg.seed + 1, run.rank]))
-            batches = (loader.get_batch(run.device) for _ in range(cfg.eval_iters))
+            batches = (loader.get_batch(run.device) for _ in range(n_batches))
         for x, y, w in batches:
             with run.autocast:
                 _, loss = model(x, y, w)
@@ -301,7 +303,9 @@ class Trainer:
                  state: dict | None = None, extra_eval=None):
         if cfg.gradient_accumulation_steps % run.world_size:
             raise ConfigError(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} must "
-                              f"be a multiple of the number of processes ({run.world_size})")
+                              f"be a multiple of the number of processes ({run.world_size}): it is "
+                              "the global count, split across processes (e.g. "
+                              f"--gradient_accumulation_steps={run.world_size})")
         self.cfg, self.run, self.loaders, self.meta, self.extra_eval = cfg, run, loaders, tokenizer_meta, extra_eval
         self.raw_model = model  # what checkpoints hold: no compile or DDP wrapper prefixes
         self.optimizers = make_optimizers(cfg, model, run)
