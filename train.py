@@ -219,7 +219,9 @@ class Logger:
             os.remove(self.path)  # a fresh run starts a fresh log
         elif os.path.exists(self.path):  # resuming: keep what the earlier part logged
             with open(self.path) as f:
-                self.records = [r for r in map(json.loads, f) if r["iter"] <= start_iter]
+                # the resumed run evaluates start_iter again: drop the old copy of that eval
+                self.records = [r for r in map(json.loads, f)
+                                if r["iter"] < start_iter or (r["iter"] == start_iter and "lr" in r)]
             with open(self.path, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
         from tqdm import tqdm

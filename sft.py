@@ -1,0 +1,212 @@
+"""
+Full supervised fine-tuning (SFT): a pretrained danlu checkpoint + an SFT dataset from
+prepare/sft.py -> a chat model, trained by train.py's loop (the same one pretraining uses).
+
+    python prepare/sft.py --input chats.jsonl --name my_sft --base data/<pretrain-dataset>
+    python sft.py config/sft_alpaca.py [--key=value ...]
+    python sample.py --out_dir=weight/sft_alpaca --chat
+
+Batches are whole conversations, right-padded, with only assistant tokens (and their end-of-turn)
+as targets, so the val loss is a loss on answers. When the chat tokens are new to the checkpoint,
+the token embedding (and an untied head) grows to take them; new rows start at the mean of the
+trained rows. The architecture comes from the checkpoint (dropout may change).
+Re-running the same command continues an interrupted run exactly (resume = auto: out_dir holds a
+ckpt.pt of the same init_from and dataset); --resume=never starts over, --resume=always insists.
+"""
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from common import ConfigError, load_checkpoint, load_config, print0, setup_runtime
+from data import dataset_dir
+from model import GPT, GPTConfig
+from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation
+from train import TrainConfig, make_loaders, model_config_for, prepare_run, resume_state, train
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    init_from: str = ""  # the pretrained run folder, weight/<run> (or a ckpt.pt path)
+    dataset: str = ""  # the SFT dataset, data/<name> from prepare/sft.py
+    resume: str = "auto"  # auto: continue out_dir's SFT run if it has a ckpt.pt | never | always
+    epochs: float = 1.0  # passes over the train conversations (used when max_iters = 0)
+    max_iters: int = 0  # 0: epochs * train examples // (batch_size * gradient_accumulation_steps)
+    batch_size: int = 8
+    learning_rate: float = 5e-5
+    min_lr: float = 5e-6
+    warmup_iters: int = 10
+    weight_decay: float = 0.0
+    eval_interval: int = 50
+    eval_iters: int = 50
+    sample_prompts: str = ""  # "|"-separated user turns; greedy replies are logged at each eval
+    sample_max_new_tokens: int = 64
+
+
+# Keys that change training, not the network: these may differ from the pretrained checkpoint.
+TRAINING_ONLY = ("dropout", "attn_impl")
+RESUME_MODES = {"auto": "auto", "always": "resume", "never": "scratch"}  # -> train's init_from
+
+
+def describe(meta: dict) -> str:
+    kind = meta.get("kind")
+    if kind == "tiktoken":
+        table = f"encoding {meta.get('encoding', 'gpt2')}"
+    else:
+        table = f"{len(meta.get('chars') or meta.get('tokens') or [])} {'characters' if kind == 'char' else 'tokens'}"
+    return f"{kind} tokenizer ({table}, vocab_size {meta.get('vocab_size')})"
+
+
+def check_tokenizer(base: dict, sft: dict, ckpt_path: str, data_dir: str, pretrain_data: str) -> range:
+    """Raise unless the SFT data was tokenized with the checkpoint's tokenizer (plus appended
+    tokens); return the ids that are new to the checkpoint."""
+    same = base.get("kind") == sft.get("kind") and sft["vocab_size"] >= base["vocab_size"]
+    if same and base["kind"] == "char":
+        same = base["chars"] == sft["chars"]
+    elif same and base["kind"] == "tiktoken":
+        same = base.get("encoding", "gpt2") == sft.get("encoding", "gpt2")
+    elif same and base["kind"] == "vocab":
+        same = sft["tokens"][:len(base["tokens"])] == base["tokens"]
+    specials = sft.get("special_tokens", {})
+    same = same and all(specials.get(k) == v for k, v in base.get("special_tokens", {}).items())
+    if not same:
+        raise ConfigError(
+            f"the SFT dataset {data_dir} uses a {describe(sft)}, but the checkpoint {ckpt_path} "
+            f"was trained with a {describe(base)}. Prepare the SFT data on the checkpoint's "
+            f"tokenizer: python prepare/sft.py --input ... --name ... --base data/{pretrain_data}")
+    return range(base["vocab_size"], sft["vocab_size"])
+
+
+def sft_model_config(cfg: SFTConfig, saved: dict, vocab_size: int) -> GPTConfig:
+    """The checkpoint's architecture (vocab grown to vocab_size) with cfg's training-only keys.
+    A key left at its default takes the checkpoint's value; one set to another value is an error.
+    cfg is updated to the architecture actually trained, so config.json and ckpt.pt tell the truth."""
+    defaults = SFTConfig()
+    for f in dataclasses.fields(GPTConfig):
+        if f.name in TRAINING_ONLY or f.name not in saved:
+            continue
+        mine = getattr(cfg, f.name)
+        want = max(saved[f.name], vocab_size) if f.name == "vocab_size" else saved[f.name]
+        if mine != getattr(defaults, f.name) and mine != want:
+            raise ConfigError(f"{f.name} = {mine!r}, but the pretrained checkpoint {cfg.init_from} "
+                              f"has {f.name} = {want!r}; the architecture comes from the "
+                              f"checkpoint (only {', '.join(TRAINING_ONLY)} may change). Remove the key.")
+        setattr(cfg, f.name, want)
+    return GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)})
+
+
+def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:
+    """The same model with vocab_size rows in wte and lm_head (tied or not). Rows of new_ids
+    (which may include the old padding rows) start at the mean of the trained rows below
+    new_ids.start, so a new token begins as an 'average' token rather than a random one;
+    every other row is kept, so logits of old tokens do not change."""
+    old = model.config.vocab_size
+    if vocab_size <= old and len(new_ids) == 0:
+        return model
+    grown = GPT(dataclasses.replace(model.config, vocab_size=max(old, vocab_size)))
+    state = model.state_dict()
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        w = state[key]  # (old, C); with tied embeddings both keys hold the same matrix
+        mean = w[:new_ids.start].mean(dim=0)
+        rows = torch.cat([w, mean.expand(grown.config.vocab_size - old, -1)])
+        rows[new_ids.start:new_ids.stop] = mean
+        state[key] = rows
+    grown.load_state_dict(state)
+    return grown
+
+
+def sample_replies(prompts: list[str], tok, cfg: SFTConfig, run):
+    """extra_eval for train(): greedy replies to fixed prompts, as {"samples": [...]}."""
+    end = tok.token_id(END_OF_TURN)
+
+    @torch.no_grad()
+    def extra_eval(model: GPT) -> dict:
+        if not run.master or not prompts:
+            return {}
+        was_training = model.training
+        model.eval()  # no dropout while sampling
+        samples = []
+        for prompt in prompts:
+            ids, _ = render_conversation(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+            x = torch.tensor([ids], dtype=torch.long, device=run.device)
+            with run.autocast:
+                out = model.generate(x, cfg.sample_max_new_tokens, temperature=0.0, stop_tokens=(end,))
+            reply = out[0, len(ids):].tolist()
+            reply = reply[:reply.index(end)] if end in reply else reply
+            samples.append({"prompt": prompt, "reply": tok.decode(reply)})
+            print0(f"  sample: {prompt!r} -> {samples[-1]['reply']!r}")
+        model.train(was_training)
+        return {"samples": samples}
+    return extra_eval
+
+
+def start_model(cfg: SFTConfig, run, model_cfg: GPTConfig, pretrained: dict, new_ids: range):
+    """(model, state): out_dir's SFT checkpoint and its state when resuming, else the pretrained
+    model with its vocabulary grown and no state."""
+    state = resume_state(dataclasses.replace(cfg, init_from=RESUME_MODES[cfg.resume]), run, model_cfg)
+    if state is not None:
+        was = state["train_config"]
+        if (was.get("init_from"), was.get("dataset")) != (cfg.init_from, cfg.dataset):
+            raise ConfigError(f"{cfg.out_dir} holds an SFT run of {was.get('init_from')} on "
+                              f"{was.get('dataset')}, not of {cfg.init_from} on {cfg.dataset}; "
+                              "pick another out_dir, or --resume=never to start it over")
+        model = GPT(model_cfg)
+        model.load_state_dict(state["model"])
+        print0(f"resuming {cfg.out_dir}/ckpt.pt at iter {state['iter_num']} of {cfg.max_iters}")
+        return model, state
+    model = GPT(dataclasses.replace(model_cfg, vocab_size=pretrained["model_config"]["vocab_size"]))
+    model.load_state_dict(pretrained["model"])
+    print0(f"from {cfg.init_from} (iter {pretrained.get('iter_num')}); "
+           f"new token ids {list(new_ids) or 'none'}, vocab_size {model_cfg.vocab_size}")
+    return grow_vocab(model, model_cfg.vocab_size, new_ids), None
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(SFTConfig, sys.argv[1:] if argv is None else argv)
+    if not cfg.init_from or not cfg.dataset:
+        raise ConfigError("sft.py needs init_from (the pretrained run folder, weight/<run>) and "
+                          "dataset (the SFT data from prepare/sft.py)")
+    if cfg.resume not in RESUME_MODES:
+        raise ConfigError(f"resume = {cfg.resume!r}: choose auto, always or never")
+    run = setup_runtime(cfg.device, cfg.dtype)
+    data_dir = dataset_dir(cfg.dataset)
+    meta = load_meta(data_dir)
+    if not os.path.exists(os.path.join(data_dir, "train.mask.bin")):
+        raise ConfigError(f"{data_dir} has no loss masks: it is not an SFT dataset. Make one with "
+                          f"python prepare/sft.py --input FILE --name NAME --base data/<pretrain>")
+    pretrained = load_checkpoint(cfg.init_from, map_location="cpu")
+    new_ids = check_tokenizer(pretrained["tokenizer"], meta, cfg.init_from, data_dir,
+                              pretrained.get("train_config", {}).get("dataset", "<pretrain-name>"))
+    padded = model_config_for(dataclasses.replace(cfg, vocab_size=0), meta).vocab_size  # train.py's rule
+    model_cfg = sft_model_config(cfg, pretrained["model_config"], padded)
+    loaders = make_loaders(cfg, data_dir, meta, run, model_cfg.vocab_size)
+    per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+    if cfg.max_iters == 0:  # a batch never straddles two epochs, so an epoch is n // per_iter
+        cfg.max_iters = max(1, round(cfg.epochs * (len(loaders["train"]) // per_iter)))
+    prepare_run(cfg, run)
+
+    model, state = start_model(cfg, run, model_cfg, pretrained, new_ids)
+    del pretrained
+    model.to(run.device)
+    print0(f"SFT: {len(loaders['train'])} train conversations, {per_iter} per iter, "
+           f"{cfg.max_iters} iters ({cfg.max_iters * per_iter / len(loaders['train']):.2f} epochs)")
+    prompts = [p.strip() for p in cfg.sample_prompts.split("|") if p.strip()]
+    summary = train(cfg, run, model, loaders, meta, state, sample_replies(prompts, from_meta(meta), cfg, run))
+    print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
+           f"{summary['elapsed_s']:.1f}s; chat with: python sample.py --out_dir={cfg.out_dir} --chat")
+    if run.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError, RuntimeError) as e:
+        if os.environ.get("DANLU_DEBUG"):
+            raise
+        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)
