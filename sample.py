@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import ConfigError, load_config, load_model, pick_device, setup_runtime
+from common import ConfigError, cli, load_config, load_model, pick_device, setup_runtime
 from tokenizer import END_OF_TURN, ROLE_TOKENS, StreamDecoder, from_meta, render_conversation
 
 
@@ -233,10 +233,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError, RuntimeError, OSError) as e:
-        if os.environ.get("DANLU_DEBUG"):
-            raise
-        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

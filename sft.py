@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import ConfigError, load_checkpoint, load_config, print0, setup_runtime
+from common import ConfigError, cli, load_checkpoint, load_config, print0, setup_runtime
 from data import dataset_dir
 from model import GPT, GPTConfig
 from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation
@@ -203,10 +203,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError, RuntimeError) as e:
-        if os.environ.get("DANLU_DEBUG"):
-            raise
-        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

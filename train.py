@@ -12,7 +12,6 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -21,8 +20,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (ConfigError, Runtime, config_dict, load_checkpoint, load_config, peak_flops,
-                    print0, save_checkpoint, setup_runtime, subset)
+from common import (ConfigError, Logger, Runtime, StopSignal, any_rank, cli, config_dict, gather,
+                    load_checkpoint, load_config, peak_flops, print0, save_checkpoint, setup_runtime,
+                    subset)
 from data import Examples, TokenWindows, dataset_dir, is_example_dataset
 from model import GPT, GPTConfig
 from tokenizer import load_meta
@@ -151,26 +151,6 @@ def set_rng_state(state: dict, loader) -> None:
     loader.load_state_dict(state["loader"])
 
 
-def gather(obj, run: Runtime) -> list:
-    """obj from every rank, in rank order (a one-element list without DDP)."""
-    if not run.ddp:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * run.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def any_rank(flag: bool, run: Runtime) -> bool:
-    """True on every rank if it is true on any: ranks must agree on when to skip or stop."""
-    if not run.ddp:
-        return flag
-    import torch.distributed as dist
-    t = torch.tensor([float(flag)], device=run.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -202,99 +182,6 @@ def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
 
 
 # ----------------------------------------------------------------------------- the loop
-
-class Logger:
-    """log.jsonl, loss.png, the progress bar and wandb; all of it on rank 0 only."""
-
-    def __init__(self, cfg, run: Runtime, start_iter: int, total_iters: int):
-        self.enabled = run.master
-        self.path = os.path.join(cfg.out_dir, "log.jsonl")
-        self.records = []
-        self.bar = None
-        self.wandb = None
-        if not self.enabled:
-            return
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if start_iter == 0 and os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run starts a fresh log
-        elif os.path.exists(self.path):  # resuming: keep what the earlier part logged
-            with open(self.path) as f:
-                # the resumed run evaluates start_iter again: drop the old copy of that eval
-                self.records = [r for r in map(json.loads, f)
-                                if r["iter"] < start_iter or (r["iter"] == start_iter and "lr" in r)]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.records)
-        from tqdm import tqdm
-        self.bar = tqdm(total=total_iters, initial=start_iter, dynamic_ncols=True,
-                        disable=not sys.stderr.isatty(), desc="train")
-        if cfg.wandb_log:
-            import wandb
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
-                                    config=config_dict(cfg), resume="allow")
-
-    def log(self, record: dict, printed: str | None = None) -> None:
-        if not self.enabled:
-            return
-        self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["iter"])
-        if printed:
-            if self.bar.disable:
-                print(printed, flush=True)
-            else:
-                self.bar.write(printed)
-
-    def plot(self, out_dir: str) -> None:
-        if not self.enabled:
-            return
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        fig, ax = plt.subplots(figsize=(7, 4))
-        steps = [(r["iter"], r["train_loss"]) for r in self.records if "lr" in r]
-        evals = [(r["iter"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        for pts, label in ((steps, "train loss (step)"), (evals, "val loss")):
-            if pts:
-                ax.plot(*zip(*pts), label=label)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
-        plt.close(fig)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-        if self.wandb is not None:
-            self.wandb.finish()
-
-
-class StopSignal:
-    """Turns SIGINT / SIGTERM into a flag the loop checks after each step (a second Ctrl-C
-    stops at once); restore() puts the previous handlers back."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.raised = None
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum, frame):
-        if self.raised is not None:
-            raise KeyboardInterrupt
-        self.raised = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
 
 class Trainer:
     """The training loop shared by train.py and sft.py: evaluate, checkpoint, step, log.
@@ -457,8 +344,8 @@ class Trainer:
             self.logger.close()
         if stopped == "signal":
             print0(f"\nstopped by {stop.raised or 'a signal on another rank'} after iter {self.iter_num}; "
-                   f"checkpoint saved to {cfg.out_dir}/ckpt.pt. Resume with the same command and "
-                   "--init_from=resume")
+                   f"checkpoint saved to {cfg.out_dir}/ckpt.pt. To resume, run the same command again "
+                   "(train.py: with --init_from=resume or auto; sft.py resumes by itself)")
         last_eval = next((r for r in reversed(self.logger.records) if "val_loss" in r), None)
         return {"stopped": stopped, "iters": self.iter_num, "best_val_loss": self.best_val_loss,
                 "elapsed_s": self.elapsed(), "last_eval": last_eval}
@@ -541,10 +428,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError, RuntimeError) as e:
-        if os.environ.get("DANLU_DEBUG"):
-            raise
-        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -3,6 +3,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.normpath(os.path.join(ROOT, "..", "shared"))
@@ -10,6 +11,11 @@ sys.path.insert(0, ROOT)
 
 if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED, "tiktoken")):
     os.environ["TIKTOKEN_CACHE_DIR"] = os.path.join(SHARED, "tiktoken")
+
+# One thread per process: the suite is many tiny ops, where a second OpenMP thread only helps on
+# an idle machine; on a busy one each op can wait a whole scheduler slice for it (seen: 100x).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start
 
 
 def shared_path(*parts) -> str:
