@@ -1,0 +1,281 @@
+"""
+Throughput benchmarks for any training config: prints a table and writes JSON.
+
+    python bench.py config/shakespeare_char_cpu.py [--key=value ...] [--out=bench.json]
+
+Measures, with the real pieces of train.py (model, optimizers, data loader, precision):
+  - the device's matmul peak: a large square matmul, float32 on CPU, bfloat16 on GPU;
+  - training tokens/s and MFU against that measured peak (and the datasheet peak where known);
+  - where a training step's time goes: data, forward, backward, optimizer (clip + step);
+  - greedy sampling tokens/s with and without the KV cache (outputs asserted identical);
+  - data-loader batches/s.
+Without the config's dataset on disk, training reads uniformly random tokens instead.
+"""
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+from common import (_PEAKS, ConfigError, config_dict, load_config, load_model,
+                    measure_matmul_flops, print0, setup_runtime)
+from data import DataError, dataset_dir
+from model import GPT, GPTConfig
+from tokenizer import load_meta
+from train import TrainConfig, make_loaders, make_optimizers, model_config_for
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    bench_warmup: int = 5  # untimed training steps first (compilation, allocator, caches)
+    bench_iters: int = 20  # timed training steps, for tokens/s and again for the phase split
+    sample_tokens: int = 500  # greedy tokens generated with and without the KV cache
+    sample_prompt: int = 1  # prompt length in tokens
+    loader_batches: int = 200  # batches drawn to time the data loader
+    peak_size: int = 0  # side of the square peak matmul; 0: 1024 on CPU, 8192 on GPU
+    peak_seconds: float = 1.0  # the peak is the best of repeated matmuls over this long
+    out: str = ""  # JSON path; "": weight/bench/<config name>.json
+
+
+class RandomTokens:
+    """Stands in for the data loader when the config's dataset is not on disk."""
+
+    def __init__(self, cfg, vocab_size: int):
+        self.shape, self.vocab_size = (cfg.batch_size, cfg.block_size), vocab_size
+        self.g = torch.Generator().manual_seed(cfg.seed)
+
+    def get_batch(self, device="cpu"):
+        w = torch.randint(0, self.vocab_size, (self.shape[0], self.shape[1] + 1), generator=self.g)
+        return w[:, :-1].to(device), w[:, 1:].to(device), None
+
+
+def build(cfg, run):
+    """(model, train loader, where the data came from), as train.py would build them. With
+    init_from = resume (or auto and a checkpoint in out_dir) the model is the trained one, so
+    sampling measures real text rather than a random model's near-ties."""
+    try:
+        data_dir = dataset_dir(cfg.dataset)
+    except DataError:
+        data_dir = None
+    meta = load_meta(data_dir) if data_dir is not None else {"vocab_size": cfg.vocab_size or 50304}
+    out_dir = cfg.out_dir or os.path.join("weight", os.path.basename(cfg.dataset.rstrip("/")))
+    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path)):
+        model, _ = load_model(ckpt_path, run.device)
+        for f in dataclasses.fields(GPTConfig):  # train with the checkpoint's shape
+            setattr(cfg, f.name, getattr(model.config, f.name))
+    else:
+        model = GPT(model_config_for(cfg, meta)).to(run.device)
+    if data_dir is not None:
+        loader = make_loaders(cfg, data_dir, meta, run, model.config.vocab_size)["train"]
+    else:
+        loader = RandomTokens(cfg, model.config.vocab_size)
+    return model, loader, data_dir or "random tokens"
+
+
+def timed_steps(cfg, run, model, step_model, loader, optimizers, n: int, split: bool) -> dict:
+    """n training steps exactly as train.py takes them; with split, seconds per phase."""
+    sync = torch.cuda.synchronize if run.device_type == "cuda" else (lambda: None)
+    params = [p for p in model.parameters() if p.requires_grad]
+    accum = cfg.gradient_accumulation_steps
+    phases = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
+    mark = (lambda: (sync(), time.perf_counter())[1]) if split else time.perf_counter
+
+    step_seconds = []
+    for _ in range(n):
+        sync()
+        t_step = time.perf_counter()
+        for _ in range(accum):
+            t0 = mark()
+            x, y, w = loader.get_batch(run.device)
+            t1 = mark()
+            with run.autocast:
+                _, loss = step_model(x, y, w)
+                loss = loss / accum
+            t2 = mark()
+            run.scaler.scale(loss).backward()
+            t3 = mark()
+            phases["data"] += t1 - t0
+            phases["forward"] += t2 - t1
+            phases["backward"] += t3 - t2
+        t3 = mark()
+        for opt in optimizers:
+            run.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        for opt in optimizers:
+            run.scaler.step(opt)
+        run.scaler.update()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        phases["optimizer"] += mark() - t3
+        sync()
+        step_seconds.append(time.perf_counter() - t_step)
+    return {"step_seconds": step_seconds, "loss": loss.item() * accum, "phases": phases,
+            "seq_len": x.size(1)}
+
+
+def bench_training(cfg, run, model, loader, peak: float) -> dict:
+    optimizers = make_optimizers(cfg, model, run)
+    step_model = torch.compile(model) if cfg.compile else model
+    model.train()
+    timed_steps(cfg, run, model, step_model, loader, optimizers, cfg.bench_warmup, split=False)
+    steady = timed_steps(cfg, run, model, step_model, loader, optimizers, cfg.bench_iters, split=False)
+    split = timed_steps(cfg, run, model, step_model, loader, optimizers, cfg.bench_iters, split=True)
+    tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
+    # the median step: robust to a few steps slowed by other processes on a shared machine
+    step_s = statistics.median(steady["step_seconds"])
+    tok_s = tokens_per_iter / step_s
+    flops_per_token = model.flops_per_token(steady["seq_len"])
+    phase_total = sum(split["phases"].values())
+    return {
+        "tokens_per_iter": tokens_per_iter,
+        "ms_per_iter": 1e3 * step_s,
+        "ms_per_iter_mean": 1e3 * statistics.mean(steady["step_seconds"]),
+        "ms_per_iter_min": 1e3 * min(steady["step_seconds"]),
+        "tokens_per_s": tok_s,
+        "flops_per_token": flops_per_token,
+        "achieved_flops": tok_s * flops_per_token,
+        "mfu": tok_s * flops_per_token / peak,
+        "split_ms_per_iter": {k: 1e3 * v / cfg.bench_iters for k, v in split["phases"].items()},
+        "split_fraction": {k: v / phase_total for k, v in split["phases"].items()},
+        "final_loss": steady["loss"],
+    }
+
+
+def bench_sampling(cfg, run, model) -> dict:
+    """Greedy generation of sample_tokens with and without the KV cache, from the same prompt,
+    timed in the run's precision. The two must agree token for token; in reduced precision (or
+    TF32) the two paths round differently and a near-tie can flip, so there the check reruns both
+    in strict float32."""
+    model.eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    prompt = torch.randint(0, model.config.vocab_size, (1, cfg.sample_prompt), generator=g).to(run.device)
+    sync = torch.cuda.synchronize if run.device_type == "cuda" else (lambda: None)
+
+    def generate(use_cache):
+        return model.generate(prompt, cfg.sample_tokens, temperature=0.0, use_cache=use_cache)
+
+    out, seconds = {}, {}
+    for use_cache in (True, False):
+        with run.autocast:
+            model.generate(prompt, 4, temperature=0.0, use_cache=use_cache)  # warm up
+            sync()
+            t0 = time.perf_counter()
+            out[use_cache] = generate(use_cache)
+            sync()
+        seconds[use_cache] = time.perf_counter() - t0
+    strict = run.dtype == "float32" and not (run.device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    if not strict:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        out = {use_cache: generate(use_cache) for use_cache in (True, False)}
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    identical = torch.equal(out[True], out[False])
+    assert identical, "greedy generation with the KV cache differs from full recomputation"
+    n = out[True].size(1) - prompt.size(1)
+    model.train()
+    return {"new_tokens": n, "prompt_tokens": cfg.sample_prompt, "block_size": model.config.block_size,
+            "kv_cache_tokens_per_s": n / seconds[True], "no_cache_tokens_per_s": n / seconds[False],
+            "speedup": seconds[False] / seconds[True], "identical": identical,
+            "identity_checked_in": "timed run" if strict else "float32 rerun"}
+
+
+def bench_loader(cfg, run, loader) -> dict:
+    loader.get_batch(run.device)
+    t0 = time.perf_counter()
+    for _ in range(cfg.loader_batches):
+        loader.get_batch(run.device)
+    if run.device_type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"batches_per_s": cfg.loader_batches / dt,
+            "tokens_per_s": cfg.loader_batches * cfg.batch_size * cfg.block_size / dt}
+
+
+def device_name(run) -> str:
+    if run.device_type == "cuda":
+        return torch.cuda.get_device_name(run.device)
+    return platform.processor() or platform.machine()
+
+
+def report(result: dict) -> str:
+    tr, sm, ld = result["train"], result["sampling"], result["loader"]
+    rows = [
+        ("device", f"{result['device_name']} ({result['device']}, {result['threads']} threads)"),
+        ("measured matmul peak", f"{result['peak_flops'] / 1e9:,.1f} GFLOP/s ({result['peak_dtype']}, "
+                                 f"{result['peak_size']}^2)"),
+        ("model", f"{result['params'] / 1e6:.2f}M params, {tr['flops_per_token'] / 1e6:.2f} MFLOP/token"),
+        ("training", f"{tr['tokens_per_s']:,.0f} tok/s, {tr['ms_per_iter']:.1f} ms/iter "
+                     f"({tr['tokens_per_iter']} tok/iter, {result['dtype']})"),
+        ("MFU (measured peak)", f"{100 * tr['mfu']:.1f}%  ({tr['achieved_flops'] / 1e9:,.1f} GFLOP/s)"),
+    ]
+    if result.get("mfu_datasheet") is not None:
+        rows.append(("MFU (datasheet peak)", f"{100 * result['mfu_datasheet']:.1f}%"))
+    split = ", ".join(f"{k} {v:.1f} ms ({100 * tr['split_fraction'][k]:.0f}%)"
+                      for k, v in tr["split_ms_per_iter"].items())
+    rows += [
+        ("step split", split),
+        ("sampling, KV cache", f"{sm['kv_cache_tokens_per_s']:,.1f} tok/s"),
+        ("sampling, recompute", f"{sm['no_cache_tokens_per_s']:,.1f} tok/s"),
+        ("KV cache speedup", f"{sm['speedup']:.2f}x over {sm['new_tokens']} tokens "
+                             f"(block_size {sm['block_size']}), greedy outputs identical"),
+        ("data loader", f"{ld['batches_per_s']:,.0f} batches/s ({ld['tokens_per_s'] / 1e6:.2f}M tok/s)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = load_config(BenchConfig, argv)
+    run = setup_runtime(cfg.device, cfg.dtype)
+    if run.ddp:
+        raise ConfigError("bench.py measures one process; run it with python, not torchrun")
+    config_name = os.path.splitext(os.path.basename(argv[0]))[0] if argv and not argv[0].startswith("--") else "default"
+    out_path = cfg.out or os.path.join("weight", "bench", f"{config_name}.json")
+    torch.manual_seed(cfg.seed)
+
+    gpu = run.device_type == "cuda"
+    peak_dtype = torch.bfloat16 if gpu else torch.float32
+    # best of many short timings: on a shared CPU a few of them still see the whole machine
+    peak_size = cfg.peak_size or (8192 if gpu else 1024)
+    peak = measure_matmul_flops(run.device, peak_dtype, n=peak_size, seconds=cfg.peak_seconds)
+    model, loader, source = build(cfg, run)
+    print0(f"bench: {config_name}, {model.num_params() / 1e6:.2f}M params, data: {source}")
+
+    result = {"config_name": config_name, "device": run.device, "device_name": device_name(run),
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": run.dtype,
+              "compile": cfg.compile, "optimizer": cfg.optimizer, "data": source,
+              "peak_flops": peak, "peak_dtype": str(peak_dtype).replace("torch.", ""),
+              "peak_size": peak_size, "params": model.num_params()}
+    result["train"] = bench_training(cfg, run, model, loader, peak)
+    datasheet = next((v for k, v in _PEAKS.items() if gpu and k in result["device_name"]), None)
+    result["peak_flops_datasheet"] = datasheet
+    result["mfu_datasheet"] = result["train"]["achieved_flops"] / datasheet if datasheet else None
+    result["sampling"] = bench_sampling(cfg, run, model)
+    result["loader"] = bench_loader(cfg, run, loader)
+    result["config"] = config_dict(cfg)
+    result["model_config"] = config_dict(model.config)
+
+    print0(report(result))
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=1)
+    print0(f"wrote {out_path}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, ValueError) as e:
+        if os.environ.get("DANLU_DEBUG"):
+            raise
+        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
+        sys.exit(1)
