@@ -99,8 +99,10 @@ def dataset_dir(name: str) -> str:
     return path
 
 
-def open_tokens(data_dir: str, split: str, vocab_size: int) -> np.memmap:
-    """Memmap <split>.bin after checking that it is a whole number of uint16 ids in range."""
+def check_tokens(data_dir: str, split: str, vocab_size: int) -> int:
+    """Number of tokens in <split>.bin, after checking it is whole uint16 ids below vocab_size.
+    The scan reads fixed-size chunks into a reused buffer rather than through a memmap, so a
+    multi-GB file does not become resident memory."""
     path = os.path.join(data_dir, f"{split}.bin")
     if not os.path.exists(path):
         raise DataError(f"{path} is missing; re-run the prepare script for this dataset")
@@ -110,12 +112,14 @@ def open_tokens(data_dir: str, split: str, vocab_size: int) -> np.memmap:
                         "file, or it was cut short. Re-run the prepare script.")
     if size == 0:
         raise DataError(f"{path} is empty; re-run the prepare script with more data")
-    data = np.memmap(path, dtype=np.uint16, mode="r")
-    top = max(int(data[i:i + (1 << 24)].max()) for i in range(0, len(data), 1 << 24))
+    top, chunk = 0, 1 << 23
+    with open(path, "rb") as f:
+        while block := f.read(2 * chunk):
+            top = max(top, int(np.frombuffer(block, dtype=np.uint16).max()))
     if top >= vocab_size:
         raise DataError(f"{path} holds token id {top} but vocab_size is {vocab_size}: the bin and "
                         "meta.json (or the model's vocab_size) do not belong together")
-    return data
+    return size // 2
 
 
 def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
@@ -129,7 +133,7 @@ class TokenWindows:
 
     def __init__(self, data_dir, split, block_size, batch_size, vocab_size, seed=1337, rank=0):
         self.path = os.path.join(data_dir, f"{split}.bin")
-        n = len(open_tokens(data_dir, split, vocab_size))
+        n = check_tokens(data_dir, split, vocab_size)
         if n < block_size + 1:
             raise DataError(f"{self.path} holds {n} tokens, fewer than one block "
                             f"(block_size+1 = {block_size + 1}); lower block_size or add data")
@@ -166,7 +170,7 @@ class Examples:
                  rank=0, world_size=1, shuffle=True, prompt_loss_weight=0.0):
         base = os.path.join(data_dir, split)
         self.bin_path, self.mask_path = base + ".bin", base + ".mask.bin"
-        n_tokens = len(open_tokens(data_dir, split, vocab_size))
+        n_tokens = check_tokens(data_dir, split, vocab_size)
         if not os.path.exists(base + ".idx"):
             raise DataError(f"{base}.idx is missing: {data_dir} is not an example dataset")
         self.starts = np.fromfile(base + ".idx", dtype=np.uint64).astype(np.int64)

@@ -43,7 +43,8 @@ def corpus(workdir):
 
 def load_split(name: str, split: str):
     meta = tokenizer.load_meta(os.path.join("data", name))
-    ids = data.open_tokens(os.path.join("data", name), split, meta["vocab_size"])
+    data.check_tokens(os.path.join("data", name), split, meta["vocab_size"])  # whole ids, in range
+    ids = np.fromfile(os.path.join("data", name, f"{split}.bin"), dtype=np.uint16)
     return tokenizer.from_meta(meta), ids
 
 
