@@ -1,20 +1,29 @@
+# tiny_cls: a 4-layer, 64-wide GPT classifies 8x8 handwritten digits read as 64 pixel tokens
+# (17 gray levels): <IMG> <Z_..> x 64 </IMG> <CLS> <CLS_k> <EOS>, loss on the class token only.
+# python prepare/tiny_cls.py          # embedded UCI digits, 4 shifted copies of each train image
+# python train.py config/tiny_cls.py
+# python sample.py --out_dir=weight/tiny_cls --classify
 dataset = "tiny_cls"
 out_dir = "weight/tiny_cls"
 device = "cpu"
-block_size = 68
+block_size = 68  # 69-token examples: x and y are 68 long
 batch_size = 64
 n_layer = 4
 n_head = 4
-n_embd = 128
+n_embd = 64
 dropout = 0.0
-prompt_loss_weight = 0.0
-learning_rate = 1e-3
-max_iters = 500
-min_lr = 1e-5
+prompt_loss_weight = 0.0  # class token only: next-pixel loss (0.1-0.3) measured no better
+# Muon on the block matrices, AdamW on embeddings: measured far ahead of AdamW alone here
+optimizer = "muon"
+muon_lr = 0.02
+learning_rate = 3e-3
+max_iters = 800
+lr_decay_iters = max_iters
+min_lr = 3e-5
 warmup_iters = 50
 beta2 = 0.99
 weight_decay = 0.1
-eval_interval = 100
-eval_iters = 4
+eval_interval = 200
+eval_iters = 100  # the whole val split (359 examples) is under 6 batches
 log_interval = 50
-always_save_checkpoint = False
+always_save_checkpoint = True  # the classify command evaluates the final, fully decayed weights

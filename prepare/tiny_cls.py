@@ -54,8 +54,9 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 # Per-source defaults; any flag given on the command line wins.
 DEFAULTS = {
-    "digits": dict(name="tiny_cls", codebook="levels", levels=17, patch=2, codes=256, pool=1),
-    "mnist": dict(name="tiny_cls_mnist", codebook="kmeans", levels=17, patch=4, codes=256, pool=1),
+    # 4 shifted copies of each train image (zero-filled shifts of up to 1 pixel): see README
+    "digits": dict(name="tiny_cls", codebook="levels", levels=17, patch=2, codes=256, pool=1, augment=4),
+    "mnist": dict(name="tiny_cls_mnist", codebook="kmeans", levels=17, patch=4, codes=256, pool=1, augment=0),
     "jsonl": dict(name="tiny_cls_jsonl"),
 }
 MAX_VALUE = {"digits": 16, "mnist": 255}  # pixel value that means "full ink"
@@ -495,7 +496,8 @@ def parse_args(argv=None):
     p.add_argument("--patch", type=int, help="kmeans: patch side in (pooled) pixels")
     p.add_argument("--codes", type=int, help="kmeans: number of centroids")
     p.add_argument("--pool", type=int, help="average-pool FxF pixel blocks first")
-    p.add_argument("--augment", type=int, default=0, help="shifted copies per train image")
+    p.add_argument("--augment", type=int, default=None,
+                   help="shifted copies per train image (default: 4 for the embedded digits, 0 else)")
     p.add_argument("--max_shift", type=int, default=1, help="largest --augment shift, pixels")
     p.add_argument("--val_frac", type=float, default=0.2, help="val share when splitting")
     p.add_argument("--seed", type=int, default=SEED)

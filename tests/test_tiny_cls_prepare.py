@@ -72,9 +72,18 @@ def digits_dir(tmp_path_factory):
     cwd = os.getcwd()
     os.chdir(root)
     try:
-        return os.path.join(root, tiny_cls.main([]))
+        return os.path.join(root, tiny_cls.main(["--augment", "0"]))  # the images as they are
     finally:
         os.chdir(cwd)
+
+
+def test_digits_default_adds_shifted_train_copies_only(tmp_path, monkeypatch):
+    """The default prepare (the README's main command) adds 4 shifted copies of each train
+    image; val stays the 359 original images."""
+    monkeypatch.chdir(tmp_path)
+    meta, _ = load(os.path.join(tmp_path, tiny_cls.main([])))
+    counts = meta["source"]["counts"]
+    assert counts["train"]["examples"] == 5 * 1438 and counts["val"]["examples"] == 359
 
 
 def test_digits_default_is_1797_examples_split_stratified(digits_dir):
