@@ -1,5 +1,5 @@
 # Shakespeare-char on a GPU: a 6-layer, 6-head, 384-wide character model with a 256-char
-# context (~10.7M parameters). A few minutes on one modern GPU; val loss ~1.47.
+# context (~10.7M parameters), nanoGPT's GPU recipe (not yet measured in danlu).
 # python prepare/shakespeare_char.py --input ../shared/data/tinyshakespeare.txt
 # python train.py config/shakespeare_char.py
 dataset = "shakespeare_char"
