@@ -205,6 +205,8 @@ def cli(main) -> None:
     clear line and exits 1 instead of a traceback. DANLU_DEBUG=1 shows the traceback."""
     try:
         main()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # under torchrun: leave the group cleanly
     except (ConfigError, CheckpointError, ValueError, RuntimeError, OSError) as e:
         if os.environ.get("DANLU_DEBUG"):
             raise

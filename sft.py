@@ -196,9 +196,6 @@ def main(argv=None) -> dict:
     summary = train(cfg, run, model, loaders, meta, state, sample_replies(prompts, from_meta(meta), cfg, run))
     print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
            f"{summary['elapsed_s']:.1f}s; chat with: python sample.py --out_dir={cfg.out_dir} --chat")
-    if run.ddp:
-        import torch.distributed as dist
-        dist.destroy_process_group()
     return summary
 
 

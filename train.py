@@ -421,9 +421,6 @@ def main(argv=None) -> dict:
     summary = train(cfg, run, model, loaders, meta, state, extra_eval)
     print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
            f"{summary['elapsed_s']:.1f}s; checkpoint in {cfg.out_dir}/ckpt.pt")
-    if run.ddp:
-        import torch.distributed as dist
-        dist.destroy_process_group()
     return summary
 
 
