@@ -7,9 +7,10 @@ matrix moves at the same rate. It is meant for hidden layers only: embeddings, t
 gains and biases stay with AdamW (Muon is Scalable for LLM Training, Liu et al. 2025).
 
 We use the library's torch.optim.Muon. Its Newton-Schulz iteration is hard-coded in bfloat16,
-which is fast on GPUs and ~15x slower than float32 on CPUs without bf16 matmul units, so
-install_float32_newtonschulz() swaps in an iteration that runs in float32 when the gradient is on
-the CPU and calls the library's own bf16 iteration everywhere else.
+which is fast on GPUs but far slower than float32 on CPUs without bfloat16 matmul instructions
+(~15x per step on an AVX2-only machine), so install_float32_newtonschulz() swaps in an
+iteration that runs in float32 when the gradient is on the CPU and calls the library's own
+bfloat16 iteration everywhere else.
 """
 import inspect
 
