@@ -1,5 +1,6 @@
 # tiny_cls: a 4-layer, 64-wide GPT classifies 8x8 handwritten digits read as 64 pixel tokens
-# (17 gray levels): <IMG> <Z_..> x 64 </IMG> <CLS> <CLS_k> <EOS>, loss on the class token only.
+# (17 gray levels): <IMG> <Z_..> x 64 </IMG> <CLS> <CLS_k> <EOS>; loss on the class token plus
+# 0.1 x next-pixel loss.
 # python prepare/tiny_cls.py          # embedded UCI digits, 4 shifted copies of each train image
 # python train.py config/tiny_cls.py
 # python sample.py --out_dir=weight/tiny_cls --classify
@@ -12,12 +13,14 @@ n_layer = 4
 n_head = 4
 n_embd = 64
 dropout = 0.0
-prompt_loss_weight = 0.0  # class token only: next-pixel loss (0.1-0.3) measured no better
+# 0.1 x next-pixel loss on the image tokens: with Muon, 99.2/98.3/99.2% (3 seeds) at 600 iters vs
+# 98.6/98.1/98.3% at 800 with the class token alone; 0.3 and 1.0 were worse (98.3, 96.9)
+prompt_loss_weight = 0.1
 # Muon on the block matrices, AdamW on embeddings: measured far ahead of AdamW alone here
 optimizer = "muon"
 muon_lr = 0.02
 learning_rate = 3e-3
-max_iters = 800
+max_iters = 600
 lr_decay_iters = max_iters
 min_lr = 3e-5
 warmup_iters = 50

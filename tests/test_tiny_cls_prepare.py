@@ -84,6 +84,18 @@ def test_digits_default_adds_shifted_train_copies_only(tmp_path, monkeypatch):
     meta, _ = load(os.path.join(tmp_path, tiny_cls.main([])))
     counts = meta["source"]["counts"]
     assert counts["train"]["examples"] == 5 * 1438 and counts["val"]["examples"] == 359
+    assert meta["source"]["args"]["max_shift"] == 1
+
+
+def test_source_defaults_and_jsonl_refuses_image_flags():
+    args, kind = tiny_cls.parse_args(["--mnist_dir", "somewhere"])
+    assert kind == "mnist" and (args.codebook, args.patch, args.codes) == ("kmeans", 4, 256)
+    assert (args.augment, args.max_shift, args.name) == (2, 2, "tiny_cls_mnist")  # config/tiny_cls_mnist.py
+    args, kind = tiny_cls.parse_args([])
+    assert kind == "digits" and (args.codebook, args.augment, args.max_shift) == ("levels", 4, 1)
+    for flag in ("--max_shift", "--augment"):
+        with pytest.raises(SystemExit):
+            tiny_cls.parse_args(["--jsonl", "a.jsonl", "--vocab", "v.json", flag, "1"])
 
 
 def test_digits_default_is_1797_examples_split_stratified(digits_dir):
@@ -271,9 +283,10 @@ def test_idx_reader_plain_gz_and_errors(tmp_path):
 def test_kmeans_fit_on_train_only_and_encode_reproduces_bins(tmp_path, monkeypatch):
     mnist_dir, train, val = blocky_idx_dir(tmp_path)
     data_dir = prepare(tmp_path, monkeypatch, "--mnist_dir", mnist_dir, "--patch", "2",
-                       "--codes", "2", "--augment", "2")
+                       "--codes", "2", "--augment", "2", "--max_shift", "1")
     meta, tok = load(data_dir)
     assert data_dir.endswith("tiny_cls_mnist") and meta["codebook"]["grid"] == [4, 4]
+    assert meta["source"]["args"]["max_shift"] == 1  # the flag beats MNIST's default of 2
     codebook = tiny_cls.load_codebook(os.path.join(data_dir, "codebook.npz"))
     # Fit on train only: the centroids are exactly the two train patches. Had the 200-valued
     # val patches been seen, the "ink" centroid would have moved towards them.
@@ -303,7 +316,7 @@ def test_shift_copies_are_distinct_nonzero_shifts():
 
 def test_mnist_shared_files(tmp_path, monkeypatch):
     mnist = shared_path("data", "mnist")
-    data_dir = prepare(tmp_path, monkeypatch, "--mnist_dir", mnist, "--codes", "16")
+    data_dir = prepare(tmp_path, monkeypatch, "--mnist_dir", mnist, "--codes", "16", "--augment", "0")
     meta, _ = load(data_dir)
     labels = {s: tiny_cls.read_idx(tiny_cls.find_idx(mnist, f"{p}-labels-idx1-ubyte"), 2049)
               for s, p in (("train", "train"), ("val", "t10k"))}
