@@ -7,7 +7,8 @@ Measures, with the real pieces of train.py (model, optimizers, data loader, prec
   - the device's matmul peak: a large square matmul, float32 on CPU, bfloat16 on GPU;
   - training tokens/s and MFU against that measured peak (and against the peak train.py logs
     MFU with: the datasheet's for known GPUs);
-  - where a training step's time goes: data, forward, backward, optimizer (clip + step);
+  - where a training step's time goes: data, forward, backward, optimizer (clip + step), timed
+    inside train.py's own Trainer.step;
   - greedy sampling tokens/s with and without the KV cache (outputs asserted identical);
   - data-loader batches/s.
 Without the config's dataset on disk, training reads uniformly random tokens instead.
@@ -28,7 +29,7 @@ from common import (ConfigError, config_dict, load_config, load_model, measure_m
 from data import DataError, dataset_dir
 from model import GPT, GPTConfig
 from tokenizer import load_meta
-from train import TrainConfig, make_loaders, make_optimizers, model_config_for
+from train import TrainConfig, Trainer, make_loaders, model_config_for
 
 
 @dataclass
@@ -80,54 +81,29 @@ def build(cfg, run):
     return model, loader, data_dir or "random tokens"
 
 
-def timed_steps(cfg, run, model, step_model, loader, optimizers, n: int, split: bool) -> dict:
-    """n training steps exactly as train.py takes them; with split, seconds per phase."""
-    sync = torch.cuda.synchronize if run.device_type == "cuda" else (lambda: None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    accum = cfg.gradient_accumulation_steps
-    phases = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0)
-    mark = (lambda: (sync(), time.perf_counter())[1]) if split else time.perf_counter
-
+def timed_steps(trainer, n: int, split: bool) -> dict:
+    """n training steps through train.py's Trainer.step; with split, seconds per phase."""
+    sync = torch.cuda.synchronize if trainer.run.device_type == "cuda" else (lambda: None)
+    phases = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0) if split else None
     step_seconds = []
     for _ in range(n):
         sync()
-        t_step = time.perf_counter()
-        for _ in range(accum):
-            t0 = mark()
-            x, y, w = loader.get_batch(run.device)
-            t1 = mark()
-            with run.autocast:
-                _, loss = step_model(x, y, w)
-                loss = loss / accum
-            t2 = mark()
-            run.scaler.scale(loss).backward()
-            t3 = mark()
-            phases["data"] += t1 - t0
-            phases["forward"] += t2 - t1
-            phases["backward"] += t3 - t2
-        t3 = mark()
-        for opt in optimizers:
-            run.scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        for opt in optimizers:
-            run.scaler.step(opt)
-        run.scaler.update()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-        phases["optimizer"] += mark() - t3
+        t0 = time.perf_counter()
+        result = trainer.step(phases)
         sync()
-        step_seconds.append(time.perf_counter() - t_step)
-    return {"step_seconds": step_seconds, "loss": loss.item() * accum, "phases": phases,
-            "seq_len": x.size(1)}
+        step_seconds.append(time.perf_counter() - t0)
+    if result is None:
+        raise RuntimeError("the loss was not finite during the benchmark; check the config")
+    loss, _, seq_len = result
+    return {"step_seconds": step_seconds, "loss": loss.item(), "phases": phases, "seq_len": seq_len}
 
 
 def bench_training(cfg, run, model, loader, peak: float) -> dict:
-    optimizers = make_optimizers(cfg, model, run)
-    step_model = torch.compile(model) if cfg.compile else model
+    trainer = Trainer(cfg, run, model, {"train": loader}, tokenizer_meta={})
     model.train()
-    timed_steps(cfg, run, model, step_model, loader, optimizers, cfg.bench_warmup, split=False)
-    steady = timed_steps(cfg, run, model, step_model, loader, optimizers, cfg.bench_iters, split=False)
-    split = timed_steps(cfg, run, model, step_model, loader, optimizers, cfg.bench_iters, split=True)
+    timed_steps(trainer, cfg.bench_warmup, split=False)
+    steady = timed_steps(trainer, cfg.bench_iters, split=False)
+    split = timed_steps(trainer, cfg.bench_iters, split=True)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     # the median step: robust to a few steps slowed by other processes on a shared machine
     step_s = statistics.median(steady["step_seconds"])

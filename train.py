@@ -183,6 +183,24 @@ def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
 
 # ----------------------------------------------------------------------------- the loop
 
+class PhaseClock:
+    """tick(name) adds the seconds since the last tick to phases[name], after syncing the device
+    so that queued GPU work lands in the phase that queued it. With phases None it does nothing."""
+
+    def __init__(self, phases: dict | None, device_type: str):
+        self.phases, self.t = phases, 0.0
+        self.sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    def __call__(self, name: str | None = None) -> None:
+        if self.phases is None:
+            return
+        self.sync()
+        now = time.perf_counter()
+        if name is not None:
+            self.phases[name] = self.phases.get(name, 0.0) + now - self.t
+        self.t = now
+
+
 class Trainer:
     """The training loop shared by train.py and sft.py: evaluate, checkpoint, step, log.
     `state` is a checkpoint to resume from; `extra_eval(model)` adds metrics (val accuracy,
@@ -251,24 +269,31 @@ class Trainer:
             return True
         return False
 
-    def step(self) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def step(self, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         """One optimizer step over `accum` micro-batches: (loss, grad norm, seq len), or None when
-        the loss was not finite and the step was skipped."""
+        the loss was not finite and the step was skipped. With `phases` (bench.py), the seconds
+        spent on data, forward, backward and optimizer are added to it; each boundary then syncs
+        the device, so leave it None when speed matters."""
         run, mult = self.run, lr_multiplier(self.iter_num, self.cfg)
+        tick = PhaseClock(phases, run.device_type)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
         loss_sum = torch.zeros((), device=run.device)
         for micro in range(self.accum):
+            tick()
             x, y, w = self.loaders["train"].get_batch(run.device)
             self.tokens_since += x.numel() * run.world_size
+            tick("data")
             # DDP: average gradients across processes on the last micro-step only
             last = micro == self.accum - 1
             with nullcontext() if not run.ddp or last else self.model.no_sync():
                 with run.autocast:
                     loss = self.model(x, y, w)[1] / self.accum
+                tick("forward")
                 run.scaler.scale(loss).backward()
             loss_sum += loss.detach()
+            tick("backward")
         for opt in self.optimizers:
             run.scaler.unscale_(opt)
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
@@ -282,6 +307,7 @@ class Trainer:
         run.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
+        tick("optimizer")
         return None if skip else (loss_sum, grad_norm, x.size(1))
 
     def skipped(self) -> None:
