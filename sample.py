@@ -16,7 +16,8 @@ import numpy as np
 import torch
 
 from common import ConfigError, cli, load_config, load_model, pick_device, setup_runtime
-from tokenizer import END_OF_TURN, ROLE_TOKENS, StreamDecoder, from_meta, render_conversation
+from tokenizer import (END_OF_TURN, ROLE_TOKENS, StreamDecoder, fit_conversation, from_meta,
+                       render_conversation)
 
 
 @dataclass
@@ -107,15 +108,34 @@ def sample_text(cfg: SampleConfig) -> None:
 CHAT_HELP = "/reset clears the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply"
 
 
-def fit_history(tok, messages: list[dict], budget: int) -> tuple[list[dict], list[int]]:
-    """Drop the oldest turns after the system turn until the rendered prompt fits budget tokens."""
-    messages = list(messages)
-    while True:
-        ids, _ = render_conversation(tok, messages, add_generation_prompt=True)
-        first = 1 if messages and messages[0]["role"] == "system" else 0
-        if len(ids) <= budget or len(messages) - first <= 1:
-            return messages, ids[-budget:]
-        del messages[first]
+def fit_history(tok, system: list[dict], history: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+    """(history kept, prompt ids of at most budget tokens) for system + history + a generation
+    prompt. Whole exchanges go oldest first, as prepare/sft.py cuts training data. When even the
+    newest user turn does not fit, the system turn goes too and the turn keeps its last tokens."""
+    fitted = fit_conversation(tok, system + history, budget, add_generation_prompt=True)
+    if fitted is not None:
+        return fitted[0][len(system):], fitted[1]
+    turn = history[-1]
+    ids = render_conversation(tok, [turn], add_generation_prompt=True)[0]  # <|user|> ... <|end|> <|assistant|>
+    if len(ids) <= budget:
+        print("(the system prompt does not fit beside this message: left out for this turn)", file=sys.stderr)
+        return [turn], ids
+    print(f"(your message is {len(ids) - 3} tokens; the model reads its last {budget - 3})", file=sys.stderr)
+    return [turn], ids[:1] + ids[len(ids) - budget + 1:]
+
+
+class OneLine:
+    """Piped chat output: a reply's newlines are written as the two characters \\n (and a
+    backslash as \\\\), so each reply is exactly one line for the script reading it."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, text: str) -> None:
+        self.out.write(text.replace("\\", "\\\\").replace("\n", "\\n"))
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def chat(cfg: SampleConfig) -> None:
@@ -130,7 +150,8 @@ def chat(cfg: SampleConfig) -> None:
     # keep room for the reply: at most half the context, and no more than max_new_tokens
     budget = block - min(cfg.max_new_tokens, block // 2)
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    history = list(system)
+    history = []  # the turns after the system turn
+    out = sys.stdout if interactive else OneLine(sys.stdout)
     generator = torch.Generator(device=run.device).manual_seed(cfg.seed)
     if interactive:
         print(f"danlu chat ({cfg.out_dir}). {CHAT_HELP}")
@@ -146,7 +167,7 @@ def chat(cfg: SampleConfig) -> None:
         if text in ("/exit", "/quit"):
             break
         if text == "/reset":
-            history = list(system)
+            history = []
             print("(conversation cleared)")
             continue
         if text == "/help":
@@ -154,9 +175,9 @@ def chat(cfg: SampleConfig) -> None:
             continue
         if not text:
             continue
-        history, ids = fit_history(tok, history + [{"role": "user", "content": text}], budget)
+        history, ids = fit_history(tok, system, history + [{"role": "user", "content": text}], budget)
         try:
-            reply = stream(model, tok, ids, cfg, run, generator, stop_tokens=(end,))
+            reply = stream(model, tok, ids, cfg, run, generator, stop_tokens=(end,), out=out)
         except KeyboardInterrupt:  # stop this reply, keep the session
             reply = []
             print(" [stopped]", end="")

@@ -271,3 +271,26 @@ def render_conversation(tok: Tokenizer, messages: list[dict],
         ids.append(tok.token_id(ROLE_TOKENS["assistant"]))
         mask.append(0)
     return ids, mask
+
+
+def fit_conversation(tok: Tokenizer, messages: list[dict], max_length: int,
+                     add_generation_prompt: bool = False):
+    """(messages, ids, mask) cut at turn boundaries to at most max_length tokens, or None when
+    even the latest exchange does not fit. Leading system turns are kept; whole exchanges (a user
+    turn and the turns after it) go oldest first, so what follows the system turn starts with a
+    user turn. prepare/sft.py cuts training conversations and sample.py --chat its history with
+    this one function, so the model is never asked to continue a shape it was not trained on."""
+    ids, mask = render_conversation(tok, messages, add_generation_prompt)
+    if len(ids) <= max_length:
+        return messages, ids, mask
+    n_head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    lengths = [len(render_conversation(tok, [m])[0]) for m in messages]
+    head = sum(lengths[:n_head]) + int(add_generation_prompt)
+    for cut in range(n_head + 1, len(messages)):  # earliest cut first: keep as much as fits
+        if messages[cut]["role"] != "user" or head + sum(lengths[cut:]) > max_length:
+            continue
+        kept = messages[:n_head] + messages[cut:]
+        ids, mask = render_conversation(tok, kept, add_generation_prompt)
+        if len(ids) <= max_length:  # per-turn lengths add up in this template; check anyway
+            return kept, ids, mask
+    return None

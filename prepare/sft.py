@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 import data
 import tokenizer
-from tokenizer import CHAT_TOKENS, render_conversation
+from tokenizer import CHAT_TOKENS, fit_conversation
 
 # Other names datasets use for the template's roles.
 ROLE_NAMES = {"system": "system", "developer": "system",
@@ -218,27 +218,6 @@ def to_messages(record, notes: Counter | None = None) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- messages -> tokens
-
-def fit_conversation(tok, messages: list[dict], max_length: int):
-    """(messages, ids, mask) cut at turn boundaries to at most max_length tokens, or None when
-    even the latest exchange does not fit. The leading system turn(s) are kept; whole exchanges
-    (a user turn and the turns after it) are dropped oldest first, so what is left after the
-    system turn starts with a user turn."""
-    ids, mask = render_conversation(tok, messages)
-    if len(ids) <= max_length:
-        return messages, ids, mask
-    n_head = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
-    lengths = [len(render_conversation(tok, [m])[0]) for m in messages]
-    head = sum(lengths[:n_head])
-    for cut in range(n_head + 1, len(messages)):  # earliest cut first: keep as much as fits
-        if messages[cut]["role"] != "user" or head + sum(lengths[cut:]) > max_length:
-            continue
-        kept = messages[:n_head] + messages[cut:]
-        ids, mask = render_conversation(tok, kept)
-        if len(ids) <= max_length:  # per-turn lengths add up in this template; check anyway
-            return kept, ids, mask
-    return None
-
 
 def _encode(tok, record, max_length: int, counts: Counter):
     """(ids, mask) for one record, or None when it is skipped (the reason is counted).

@@ -1,6 +1,7 @@
 """sample.py --chat: driven through piped stdin with the tiny SFT model of test_sft.py (one reply
 line per user turn, generation stopping at end-of-turn, /reset, /help, /exit), and the trimming
 of a long history to the context."""
+import io
 import os
 import re
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import tokenizer
 from conftest import ROOT
-from sample import fit_history
+from sample import OneLine, fit_history
 from test_sft import GREETING_REPLY, tiny  # noqa: F401  (tiny is a fixture)
 
 MAX_NEW = 300  # far more than any trained reply: a reply that ends early ended at <|end|>
@@ -48,10 +49,10 @@ def test_chat_refuses_a_model_without_chat_tokens(tiny):
     assert result.returncode == 1 and "not a chat model" in result.stderr
 
 
-def test_fit_history_keeps_the_system_turn_and_drops_the_oldest():
+def test_fit_history_keeps_the_system_turn_and_drops_whole_exchanges(capsys):
     tok = tokenizer.CharTokenizer(list("abcdefghij "))
     tok.add_special_tokens(tokenizer.CHAT_TOKENS)
-    system = {"role": "system", "content": "be"}
+    system = [{"role": "system", "content": "be"}]
     turns = [{"role": r, "content": c} for r, c in
              [("user", "aaaa"), ("assistant", "bbbb"), ("user", "cccc"), ("assistant", "dddd"),
               ("user", "eeee")]]
@@ -59,16 +60,33 @@ def test_fit_history_keeps_the_system_turn_and_drops_the_oldest():
     def rendered(messages):
         return tokenizer.render_conversation(tok, messages, add_generation_prompt=True)[0]
 
-    full = rendered([system] + turns)
-    kept, ids = fit_history(tok, [system] + turns, budget=len(full))
-    assert kept == [system] + turns and ids == full  # it fits: nothing dropped
-    budget = len(rendered([system] + turns[2:]))
-    kept, ids = fit_history(tok, [system] + turns, budget)
-    assert kept == [system] + turns[2:] and ids == rendered(kept)  # the oldest exchange went
-    kept, ids = fit_history(tok, [system] + turns, budget - 1)
-    assert kept[0] == system and kept[-1] == turns[-1] and len(ids) <= budget - 1
-    kept, ids = fit_history(tok, turns, len(rendered(turns[1:])))  # no system turn
-    assert kept == turns[1:]
-    # even the last user turn alone does not fit: keep the newest tokens, ending in <|assistant|>
-    kept, ids = fit_history(tok, [system] + turns, 5)
-    assert len(ids) == 5 and ids[-1] == tok.token_id("<|assistant|>")
+    full = rendered(system + turns)
+    kept, ids = fit_history(tok, system, turns, budget=len(full))
+    assert kept == turns and ids == full  # it fits: nothing dropped
+    budget = len(rendered(system + turns[2:]))
+    kept, ids = fit_history(tok, system, turns, budget)
+    assert kept == turns[2:] and ids == rendered(system + kept)  # the oldest exchange went
+    # one token short of the last two exchanges: the history never starts with an assistant
+    # turn (as prepare/sft.py cuts training data), so only the newest user turn is left
+    kept, ids = fit_history(tok, system, turns, budget - 1)
+    assert kept == turns[4:] and ids == rendered(system + turns[4:])
+    kept, ids = fit_history(tok, [], turns, len(rendered(turns[2:])))  # no system turn
+    assert kept == turns[2:]
+    # the newest turn fits only without the system turn: left out, said on stderr
+    kept, ids = fit_history(tok, system, turns, len(rendered(turns[4:])))
+    assert kept == turns[4:] and ids == rendered(turns[4:])
+    assert "system prompt does not fit" in capsys.readouterr().err
+    # even the newest user turn alone does not fit: it keeps its last tokens, ending in
+    # <|end|> <|assistant|> and starting with <|user|>
+    kept, ids = fit_history(tok, system, turns, 5)
+    assert ids == [tok.token_id("<|user|>")] + rendered(turns[4:])[-4:] and kept == turns[4:]
+    assert "the model reads its last 2" in capsys.readouterr().err
+
+
+def test_piped_replies_are_one_line_each():
+    buf = io.StringIO()
+    out = OneLine(buf)
+    for piece in ["two\nlines", " and a \\", "\n"]:
+        out.write(piece)
+    assert buf.getvalue() == "two\\nlines and a \\\\\\n" and "\n" not in buf.getvalue()
+    assert buf.getvalue().encode().decode("unicode_escape") == "two\nlines and a \\\n"

@@ -12,8 +12,7 @@ import data
 import tokenizer
 from conftest import shared_path
 from prepare import sft as prepare_sft
-from prepare.sft import (RecordError, UnknownRoleError, build_sft_dataset, fit_conversation,
-                         iter_records, to_messages)
+from prepare.sft import RecordError, UnknownRoleError, build_sft_dataset, iter_records, to_messages
 
 ALPHABET = ("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,!?+-=:'\"{}[]\n"
             "你好世界请问今天天气很不错谢谢")
@@ -249,9 +248,9 @@ def test_truncation_keeps_the_system_turn_and_the_latest_exchanges(tmp_path, cha
     messages = system + exchange(1) + exchange(2) + exchange(3) + exchange(4)
     expected = system + exchange(3) + exchange(4)
     max_length = len(tokenizer.render_conversation(tok, expected)[0])  # one token short of 3 exchanges
-    kept, ids, mask = fit_conversation(tok, messages, max_length)
+    kept, ids, mask = tokenizer.fit_conversation(tok, messages, max_length)
     assert kept == expected and len(ids) == max_length
-    assert fit_conversation(tok, system + exchange(4), 12) is None  # even the last exchange is too long
+    assert tokenizer.fit_conversation(tok, system + exchange(4), 12) is None  # even the last exchange is too long
 
     summary, out = build(tmp_path, char_base, [{"conversations": messages}], max_length=max_length)
     assert tokenizer.from_meta(tokenizer.load_meta(out)).decode(train_examples(out)[0][0]) == rendered(expected)
