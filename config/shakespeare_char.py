@@ -19,7 +19,7 @@ dropout = 0.2
 
 learning_rate = 1e-3  # a small model tolerates a high rate
 max_iters = 5000
-lr_decay_iters = max_iters
+lr_decay_iters = 0  # = max_iters, also when --max_iters overrides it
 min_lr = 1e-4
 beta2 = 0.99  # more tokens per step are few here, so average the second moment faster
 warmup_iters = 100

@@ -14,7 +14,7 @@ n_embd = 128
 dropout = 0.0
 learning_rate = 1e-3
 max_iters = 2000
-lr_decay_iters = max_iters
+lr_decay_iters = 0  # = max_iters, also when --max_iters overrides it
 min_lr = 1e-4
 beta2 = 0.99
 warmup_iters = 100

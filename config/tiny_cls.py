@@ -21,7 +21,7 @@ optimizer = "muon"
 muon_lr = 0.02
 learning_rate = 3e-3
 max_iters = 600
-lr_decay_iters = max_iters
+lr_decay_iters = 0  # = max_iters, also when --max_iters overrides it
 min_lr = 3e-5
 warmup_iters = 50
 beta2 = 0.99
