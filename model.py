@@ -282,17 +282,28 @@ class GPT(nn.Module):
             logits = c * torch.tanh(logits / c)
         return logits
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None):
+    def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None,
+                loss_only: bool = False):
         """logits (B, T, V) and, given targets (B, T) with -1 = ignore, the mean cross-entropy;
-        with weights (B, T), the weighted mean sum(w * ce) / sum(w)."""
-        logits = self.head(self.body(idx))
+        with weights (B, T), the weighted mean sum(w * ce) / sum(w). loss_only (the training loop
+        on example datasets) returns logits None and applies the head only at the positions that
+        count: in SFT most positions are prompt or padding, and with a 50k vocabulary the head is
+        most of a small model's work. Finding those positions costs one host sync."""
+        h = self.body(idx)
         if targets is None:
-            return logits, None
-        flat = logits.float().view(-1, logits.size(-1))
-        if weights is None:
-            return logits, F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1)
-        ce = F.cross_entropy(flat, targets.reshape(-1), ignore_index=-1, reduction="none")
-        w = weights.reshape(-1).float()
+            return self.head(h), None
+        targets = targets.reshape(-1)
+        w = None if weights is None else weights.reshape(-1).float()
+        if loss_only:
+            rows = ((targets != -1) if w is None else (w > 0)).nonzero().squeeze(1)  # (N,)
+            targets, w = targets[rows], None if w is None else w[rows]
+            logits, flat = None, self.head(h.reshape(-1, h.size(-1))[rows]).float()  # (N, V)
+        else:
+            logits = self.head(h)
+            flat = logits.float().view(-1, logits.size(-1))  # (B*T, V)
+        if w is None:
+            return logits, F.cross_entropy(flat, targets, ignore_index=-1)
+        ce = F.cross_entropy(flat, targets, ignore_index=-1, reduction="none")
         return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)
 
     # ------------------------------------------------------------------ optimizer

@@ -169,7 +169,7 @@ def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
             batches = (loader.get_batch(run.device) for _ in range(n_batches))
         for x, y, w in batches:
             with run.autocast:
-                _, loss = model(x, y, w)
+                _, loss = model(x, y, w, loss_only=isinstance(loader, Examples))
             n = (y != -1).sum() if w is None else w.sum()
             total += torch.stack([loss.float() * n, n.float()])
             count += 1
@@ -233,6 +233,8 @@ class Trainer:
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         self.peak = peak_flops(run.device, run.dtype)
         self.nonfinite, self.tokens_since = 0, 0
+        # example datasets (SFT, classification): the head runs only where a target counts
+        self.loss_only = isinstance(loaders["train"], Examples)
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.time() - self.start_time
@@ -289,7 +291,7 @@ class Trainer:
             last = micro == self.accum - 1
             with nullcontext() if not run.ddp or last else self.model.no_sync():
                 with run.autocast:
-                    loss = self.model(x, y, w)[1] / self.accum
+                    loss = self.model(x, y, w, loss_only=self.loss_only)[1] / self.accum
                 tick("forward")
                 run.scaler.scale(loss).backward()
             loss_sum += loss.detach()

@@ -144,6 +144,25 @@ def test_weighted_loss_and_ignore():
     assert torch.allclose(weighted, ce, atol=1e-6)
 
 
+def test_loss_only_applies_the_head_where_targets_count():
+    """The training loop's loss_only path (head on kept rows only) gives the same loss and the
+    same gradients as the full (B, T, V) path, with -1 targets, with weights, with a softcap."""
+    for kw in ({}, {"logit_softcap": 5.0, "tie_embeddings": False}):
+        model = tiny(**kw)
+        x, y = torch.randint(0, V, (3, 10)), torch.randint(0, V, (3, 10))
+        y[0, :6], y[2, 7:] = -1, -1  # a prompt, and padding
+        w = torch.rand(3, 10)
+        w[1, :3] = 0.0
+        for weights in (None, w):
+            full_logits, full = model(x, y, weights)
+            g_full = torch.autograd.grad(full, list(model.parameters()))
+            logits, sparse = model(x, y, weights, loss_only=True)
+            g_sparse = torch.autograd.grad(sparse, list(model.parameters()))
+            assert logits is None and full_logits.shape == (3, 10, V)
+            assert torch.allclose(sparse, full, atol=1e-6)
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_sparse))
+
+
 def test_tied_and_untied_and_optimizer_groups():
     tied, untied = tiny(), tiny(tie_embeddings=False)
     assert tied.lm_head.weight is tied.transformer.wte.weight
