@@ -12,6 +12,7 @@ import tokenizer
 from conftest import shared_path
 from data import DataError
 from prepare import tiny_cls
+from prepare.codebook import encode_images, load_codebook
 
 
 def prepare(tmp_path, monkeypatch, *argv) -> str:
@@ -287,7 +288,7 @@ def test_kmeans_fit_on_train_only_and_encode_reproduces_bins(tmp_path, monkeypat
     meta, tok = load(data_dir)
     assert data_dir.endswith("tiny_cls_mnist") and meta["codebook"]["grid"] == [4, 4]
     assert meta["source"]["args"]["max_shift"] == 1  # the flag beats MNIST's default of 2
-    codebook = tiny_cls.load_codebook(os.path.join(data_dir, "codebook.npz"))
+    codebook = load_codebook(os.path.join(data_dir, "codebook.npz"))
     # Fit on train only: the centroids are exactly the two train patches. Had the 200-valued
     # val patches been seen, the "ink" centroid would have moved towards them.
     centroids = sorted(codebook["centroids"].mean(1).tolist())
@@ -297,10 +298,10 @@ def test_kmeans_fit_on_train_only_and_encode_reproduces_bins(tmp_path, monkeypat
         return np.array([[int(w[3:6]) for w in words[1:-4]] for words, _ in examples(data_dir, split)])
 
     copies = tiny_cls.shift_copies(train, 2, 1, tiny_cls.SEED)
-    expected_train = tiny_cls.encode_images(np.concatenate([train, copies]), codebook)
+    expected_train = encode_images(np.concatenate([train, copies]), codebook)
     assert (codes_in_bins("train") == expected_train).all()  # originals, then 2 shifted copies
-    assert (codes_in_bins("train")[:40] == tiny_cls.encode_images(train, codebook)).all()
-    assert (codes_in_bins("val") == tiny_cls.encode_images(val, codebook)).all()  # not augmented
+    assert (codes_in_bins("train")[:40] == encode_images(train, codebook)).all()
+    assert (codes_in_bins("val") == encode_images(val, codebook)).all()  # not augmented
     assert meta["source"]["counts"]["val"]["examples"] == 6
     for (words, mask), label in zip(examples(data_dir, "val"), np.arange(6) % 10):
         assert_layout(words, mask, label, n_codes=16)
