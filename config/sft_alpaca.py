@@ -1,10 +1,10 @@
 # Full SFT of a GPT-2-BPE danlu model on Alpaca-format instructions, into a chat model.
 #
-# The whole pipeline, from nothing, on a CPU (a few minutes each step):
+# The whole pipeline, from nothing, on a 2-core CPU (pretrain ~8 min, SFT ~2.5 min; README):
 #   python prepare/text.py --input ../shared/data/tinyshakespeare.txt --name shakespeare_gpt2
 #   python train.py config/pretrain_gpt2_small_cpu.py          # -> weight/shakespeare_gpt2_cpu
 #   python prepare/sft.py --input ../shared/data/sft/alpaca_en_demo.json --name alpaca \
-#       --base data/shakespeare_gpt2 --max_length 129           # <= the model's block_size + 1
+#       --base data/shakespeare_gpt2 --max_length 257           # <= the model's block_size + 1
 #   python sft.py config/sft_alpaca.py                         # -> weight/sft_alpaca
 #   python sample.py --out_dir=weight/sft_alpaca --chat
 #
@@ -21,17 +21,17 @@ dataset = "alpaca"  # data/alpaca from prepare/sft.py, on the base's tokenizer
 out_dir = "weight/sft_alpaca"
 device = "auto"
 batch_size = 8
-epochs = 4
-# Large for SFT, but right for the tiny, briefly pretrained CPU base above: with 5e-4 for 3
-# epochs, 21 of 24 greedy val replies ran on to the 128-token limit instead of ending their turn;
-# with 3e-3 for 4 epochs, 4 to 9 of 24 did. A 124M-size base wants 3e-5..1e-4.
-learning_rate = 3e-3
+epochs = 3
+# Large for SFT, but right for the tiny, briefly pretrained CPU base above (a 124M-size base
+# wants 3e-5..1e-4): val loss on answers 9.02 -> 6.40 over 3 epochs.
+learning_rate = 1e-3
 min_lr = learning_rate / 10
 warmup_iters = 10
 weight_decay = 0.0
 dropout = 0.0
-eval_interval = 25
-eval_iters = 10  # the val split has ~25 conversations: 10 batches of 8 covers all of it
+prompt_loss_weight = 0.0  # answers (and their <|end|>) only: the val loss is a loss on answers
+eval_interval = 50
+eval_iters = 5  # the val split has 36 conversations: 5 batches of 8 covers all of it
 log_interval = 5
 sample_prompts = "Give three tips for staying healthy.|What is the capital of France?"
 sample_max_new_tokens = 48
