@@ -24,6 +24,8 @@ Rules (everything is counted and reported in the summary, nothing is silent):
     exchange does not fit, the record is dropped. A conversation without a target is dropped.
   - with a char base, characters missing from its table cannot be encoded: they are dropped and
     counted. Keep --max_length <= the SFT block_size + 1 so the loader never cuts an example.
+  - val: --val_fraction of the records read, by a seeded shuffle, whichever of them are kept
+    (so another --max_length never moves a record between splits); or the --val_input files.
 Writes data/<name>/{train,val}.{bin,idx,mask.bin} and meta.json (the base tokenizer + chat tokens).
 """
 import os
@@ -32,6 +34,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse
+import array
 import json
 import time
 from collections import Counter
@@ -251,8 +254,10 @@ def _encode(tok, record, max_length: int, counts: Counter):
     return ids, mask
 
 
-def _convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counter, bad: list):
-    """Stream every record of paths into writer, counting what happens to each."""
+def _convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counter, bad: list,
+             record_ids=None):
+    """Stream every record of paths into writer, counting what happens to each. record_ids,
+    when given, gets the number (in reading order, from 0) of each record kept."""
     def skip(location, message):
         counts["malformed"] += 1
         if len(bad) < 5:  # a few examples for the report, not a copy of every bad line
@@ -277,20 +282,29 @@ def _convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counte
             if encoded is not None:
                 writer.add(*encoded)
                 counts["kept"] += 1
+                if record_ids is not None:
+                    record_ids.append(counts["read"] - 1)
 
 
 # ----------------------------------------------------------------------------- dataset
 
-def _split(all_prefix: str, out_dir: str, vocab_size: int, val_fraction: float, seed: int):
-    """Copy the examples of <all_prefix>.* into train and val, choosing val by a seeded shuffle."""
+def _split(all_prefix: str, out_dir: str, vocab_size: int, val_fraction: float, seed: int,
+           record_ids, n_read: int):
+    """Copy the examples of <all_prefix>.* into train and val. Val is drawn among all records
+    read (a seeded shuffle), not among those kept: preparing again with another --max_length
+    only drops examples from each split, never moves one across, so a run trained on one
+    version's train split has not seen another version's val split."""
     starts = np.fromfile(all_prefix + ".idx", dtype=np.uint64).astype(np.int64)
     tokens = np.memmap(all_prefix + ".bin", dtype=np.uint16, mode="r")
     masks = np.memmap(all_prefix + ".mask.bin", dtype=np.uint8, mode="r")
     ends = np.append(starts[1:], len(tokens))
     n = len(starts)
-    n_val = min(n - 1, max(1, round(n * val_fraction))) if n >= 2 else 0
-    is_val = np.zeros(n, dtype=bool)
-    is_val[np.random.default_rng(seed).permutation(n)[:n_val]] = True
+    rank = np.random.default_rng(seed).permutation(n_read)[np.asarray(record_ids, dtype=np.int64)]  # (n,)
+    is_val = rank < max(1, round(n_read * val_fraction))
+    if n >= 2 and not is_val.any():  # keep both splits non-empty when there are 2 examples
+        is_val[np.argmin(rank)] = True
+    if n >= 2 and is_val.all():
+        is_val[np.argmax(rank)] = False
     writers = {split: data.ExampleWriter(out_dir, split, vocab_size, with_mask=True)
                for split in ("train", "val")}
     for i in range(n):  # file order is kept within each split; the loader shuffles
@@ -352,10 +366,12 @@ def build_sft_dataset(inputs, base_dir, out_dir, max_length=1024, val_fraction=0
         all_writer = data.ExampleWriter(out_dir, "_all", tok.vocab_size, with_mask=True)
         all_prefix = os.path.join(out_dir, "_all")
         try:
-            _convert(inputs, tok, all_writer, *options)
+            record_ids = array.array("q")
+            _convert(inputs, tok, all_writer, *options, record_ids=record_ids)
             all_writer.close()
             if counts["kept"]:
-                splits = _split(all_prefix, out_dir, tok.vocab_size, val_fraction, seed)
+                splits = _split(all_prefix, out_dir, tok.vocab_size, val_fraction, seed,
+                                record_ids, counts["read"])
         finally:
             for suffix in (".bin", ".idx", ".mask.bin", ".bin.tmp", ".idx.tmp", ".mask.bin.tmp"):
                 if os.path.exists(all_prefix + suffix):

@@ -68,11 +68,11 @@ def build(tmp_path, base, records, as_array=False, **kwargs):
     return summary, out
 
 
-def train_examples(out):
-    """The train examples as (ids, mask) arrays, in file order."""
-    tokens = np.fromfile(os.path.join(out, "train.bin"), dtype=np.uint16)
-    masks = np.fromfile(os.path.join(out, "train.mask.bin"), dtype=np.uint8)
-    starts = np.fromfile(os.path.join(out, "train.idx"), dtype=np.uint64).astype(np.int64)
+def train_examples(out, split="train"):
+    """The examples of a split (train by default) as (ids, mask) arrays, in file order."""
+    tokens = np.fromfile(os.path.join(out, f"{split}.bin"), dtype=np.uint16)
+    masks = np.fromfile(os.path.join(out, f"{split}.mask.bin"), dtype=np.uint8)
+    starts = np.fromfile(os.path.join(out, f"{split}.idx"), dtype=np.uint64).astype(np.int64)
     ends = np.append(starts[1:], len(tokens))
     return [(tokens[s:e], masks[s:e]) for s, e in zip(starts, ends)]
 
@@ -317,6 +317,25 @@ def test_val_fraction_is_seeded_and_never_empty(tmp_path, char_base):
     read = lambda name: open(tmp_path / name / "val.bin", "rb").read()
     assert read("a") == read("b")
     assert not os.path.exists(tmp_path / "a" / "_all.bin")  # the temporary split is removed
+
+
+def test_val_split_does_not_move_with_max_length(tmp_path, char_base):
+    """Val is drawn per record read: a shorter --max_length drops examples from both splits
+    but never moves one across (a base pretrained on one version's train split must not have
+    seen another version's val)."""
+    records = [{"conversations": [{"role": "user", "content": "q"},
+                                  {"role": "assistant", "content": "a" * (1 + 3 * k) + str(k)}]}
+               for k in range(40)]
+    path = write_records(tmp_path / "in.jsonl", records)
+    sets = {}
+    for max_length in (200, 60):
+        out = str(tmp_path / f"m{max_length}")
+        build_sft_dataset([path], char_base, out, max_length=max_length, val_fraction=0.25, seed=3)
+        sets[max_length] = {split: {bytes(ids) for ids, _ in train_examples(out, split)}
+                            for split in ("train", "val")}
+    assert len(sets[200]["val"]) == 10 and len(sets[200]["train"]) == 30  # all 40 fit 200
+    assert 0 < len(sets[60]["val"]) < 10 and len(sets[60]["train"]) < 30  # long ones dropped
+    assert sets[60]["val"] <= sets[200]["val"] and sets[60]["train"] <= sets[200]["train"]
 
 
 # ----------------------------------------------------------------------------- real data
