@@ -1,6 +1,7 @@
 # Full SFT of a GPT-2-BPE danlu model on Alpaca-format instructions, into a chat model.
 #
-# The whole pipeline, from nothing, on a 2-core CPU (pretrain ~8 min, SFT ~2.5 min; README):
+# The whole pipeline, from nothing, on a 2-core CPU (pretrain ~8 min, SFT ~2.5 min; README).
+# export GLIBC_TUNABLES=... (README, "When things go wrong") makes the pretrain ~5 min.
 #   python prepare/text.py --input ../shared/data/tinyshakespeare.txt --name shakespeare_gpt2
 #   python train.py config/pretrain_gpt2_small_cpu.py          # -> weight/shakespeare_gpt2_cpu
 #   python prepare/sft.py --input ../shared/data/sft/alpaca_en_demo.json --name alpaca \
@@ -23,7 +24,7 @@ device = "auto"
 batch_size = 8
 epochs = 3
 # Large for SFT, but right for the tiny, briefly pretrained CPU base above (a 124M-size base
-# wants 3e-5..1e-4): val loss on answers 9.02 -> 6.40 over 3 epochs.
+# wants 3e-5..1e-4): val loss on answers 9.11 -> 6.32 over 3 epochs.
 learning_rate = 1e-3
 min_lr = learning_rate / 10
 warmup_iters = 10
@@ -31,7 +32,7 @@ weight_decay = 0.0
 dropout = 0.0
 prompt_loss_weight = 0.0  # answers (and their <|end|>) only: the val loss is a loss on answers
 eval_interval = 50
-eval_iters = 5  # the val split has 36 conversations: 5 batches of 8 covers all of it
+eval_iters = 5  # the val split has 35 conversations: 5 batches of 8 covers all of it
 log_interval = 5
 sample_prompts = "Give three tips for staying healthy.|What is the capital of France?"
 sample_max_new_tokens = 48
