@@ -120,8 +120,8 @@ class NaNOnSteps(train.GPT):
     bad_calls: set = set()
     calls = 0
 
-    def forward(self, idx, targets=None, weights=None):
-        logits, loss = super().forward(idx, targets, weights)
+    def forward(self, idx, targets=None, weights=None, loss_only=False):
+        logits, loss = super().forward(idx, targets, weights, loss_only)
         if self.training and targets is not None:
             NaNOnSteps.calls += 1
             if NaNOnSteps.calls in NaNOnSteps.bad_calls:
