@@ -90,11 +90,15 @@ def model_config_for(cfg, meta: dict) -> GPTConfig:
 def make_loaders(cfg, data_dir: str, meta: dict, run: Runtime, vocab_size: int) -> dict:
     """Train batches for this rank, plus fixed evaluation batches for each split."""
     if is_example_dataset(data_dir):
-        def make(split, shuffle, rank, world):
+        def make(split, shuffle, weight):
             return Examples(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, cfg.seed,
-                            rank, world, shuffle, cfg.prompt_loss_weight)
-        return {"train": make("train", True, run.rank, run.world_size),
-                "eval": {s: make(s, False, run.rank, run.world_size) for s in ("train", "val")}}
+                            run.rank, run.world_size, shuffle, weight)
+        # Evaluation scores the targets alone (answers, class tokens) however much weight the
+        # other tokens get in training, so val_loss always means the loss on answers; with
+        # prompt_loss_weight >= 1 every token is a target, in training and in evaluation.
+        eval_weight = 1.0 if cfg.prompt_loss_weight >= 1 else 0.0
+        return {"train": make("train", True, cfg.prompt_loss_weight),
+                "eval": {s: make(s, False, eval_weight) for s in ("train", "val")}}
 
     def windows(split, seed):
         return TokenWindows(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, seed, run.rank)

@@ -77,6 +77,25 @@ def test_train_logs_val_acc_and_classify_writes_report(trained):
     assert r["accuracy"] > 0.6, r["accuracy"]  # chance is 10%; 82.7% measured
 
 
+def test_val_loss_scores_the_class_token_alone(trained):
+    """The config trains on 0.1 x next-pixel loss as well, but the logged val_loss is the loss on
+    <CLS_k> alone (one target per example): it means the same whatever that weight is."""
+    data_dir, out_dir, _ = trained
+    model, ckpt = load_model(out_dir)
+    cfg = ckpt["train_config"]
+    assert cfg["prompt_loss_weight"] == 0.1
+    loader = Examples(data_dir, "val", model.config.block_size, cfg["batch_size"],
+                      model.config.vocab_size, shuffle=False)  # prompt_loss_weight 0
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for idx, (x, y, w) in loader.iter_batches("cpu", cfg["eval_iters"]):
+            assert w is None and ((y != -1).sum(1) == 1).all()  # the class token only
+            total += model(x, y)[1].item() * len(idx)
+            n += len(idx)
+    last = [r for r in read_jsonl(os.path.join(out_dir, "log.jsonl")) if "val_loss" in r][-1]
+    assert last["val_loss"] == pytest.approx(total / n, rel=1e-5)
+
+
 def test_classify_jsonl_matches_the_split(trained, tmp_path):
     """The first 40 val images as a user's JSONL (half with the old `<CLS> <CLS> <EOS>` tail):
     the --jsonl path must give exactly the predictions the split gives for those examples."""
