@@ -1,7 +1,6 @@
 # Full SFT of a GPT-2-BPE danlu model on Alpaca-format instructions, into a chat model.
 #
-# The whole pipeline, from nothing, on a 2-core CPU (pretrain ~8 min, SFT ~2.5 min; README).
-# export GLIBC_TUNABLES=... (README, "When things go wrong") makes the pretrain ~5 min.
+# The whole pipeline, from nothing, on a 2-core CPU (pretrain ~5 min, SFT ~2.5 min; README):
 #   python prepare/text.py --input ../shared/data/tinyshakespeare.txt --name shakespeare_gpt2
 #   python train.py config/pretrain_gpt2_small_cpu.py          # -> weight/shakespeare_gpt2_cpu
 #   python prepare/sft.py --input ../shared/data/sft/alpaca_en_demo.json --name alpaca \
