@@ -34,7 +34,7 @@ from train import TrainConfig, Trainer, make_loaders, model_config_for
 
 @dataclass
 class BenchConfig(TrainConfig):
-    bench_warmup: int = 5  # untimed training steps first (compilation, allocator, caches)
+    bench_warmup: int = 20  # untimed steps first (compilation, allocator, caches; 5 read ~5% low on CPU)
     bench_iters: int = 20  # timed training steps, for tokens/s and again for the phase split
     sample_tokens: int = 500  # greedy tokens generated with and without the KV cache
     sample_prompt: int = 1  # prompt length in tokens
