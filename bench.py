@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (ConfigError, config_dict, load_config, load_model, measure_matmul_flops,
-                    peak_flops, print0, setup_runtime)
+from common import (ConfigError, cli, config_dict, load_config, load_model, measure_matmul_flops,
+                    peak_flops, print0, setup_runtime, sync_device)
 from data import DataError, dataset_dir
 from model import GPT, GPTConfig
 from tokenizer import load_meta
@@ -83,14 +83,13 @@ def build(cfg, run):
 
 def timed_steps(trainer, n: int, split: bool) -> dict:
     """n training steps through train.py's Trainer.step; with split, seconds per phase."""
-    sync = torch.cuda.synchronize if trainer.run.device_type == "cuda" else (lambda: None)
     phases = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0) if split else None
     step_seconds = []
     for _ in range(n):
-        sync()
+        sync_device(trainer.run.device)
         t0 = time.perf_counter()
         result = trainer.step(phases)
-        sync()
+        sync_device(trainer.run.device)
         step_seconds.append(time.perf_counter() - t0)
     if result is None:
         raise RuntimeError("the loss was not finite during the benchmark; check the config")
@@ -133,7 +132,6 @@ def bench_sampling(cfg, run, model) -> dict:
     model.eval()
     g = torch.Generator().manual_seed(cfg.seed)
     prompt = torch.randint(0, model.config.vocab_size, (1, cfg.sample_prompt), generator=g).to(run.device)
-    sync = torch.cuda.synchronize if run.device_type == "cuda" else (lambda: None)
 
     def generate(use_cache):
         return model.generate(prompt, cfg.sample_tokens, temperature=0.0, use_cache=use_cache)
@@ -142,10 +140,10 @@ def bench_sampling(cfg, run, model) -> dict:
     for use_cache in (True, False):
         with run.autocast:
             model.generate(prompt, 4, temperature=0.0, use_cache=use_cache)  # warm up
-            sync()
+            sync_device(run.device)
             t0 = time.perf_counter()
             out[use_cache] = generate(use_cache)
-            sync()
+            sync_device(run.device)
         seconds[use_cache] = time.perf_counter() - t0
     strict = run.dtype == "float32" and not (run.device_type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     if not strict:
@@ -171,8 +169,7 @@ def bench_loader(cfg, run, loader) -> dict:
     t0 = time.perf_counter()
     for _ in range(cfg.loader_batches):
         loader.get_batch(run.device)
-    if run.device_type == "cuda":
-        torch.cuda.synchronize()
+    sync_device(run.device)
     dt = time.perf_counter() - t0
     return {"batches_per_s": cfg.loader_batches / dt,
             "tokens_per_s": cfg.loader_batches * cfg.batch_size * cfg.block_size / dt}
@@ -253,10 +250,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ConfigError, ValueError) as e:
-        if os.environ.get("DANLU_DEBUG"):
-            raise
-        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(1)
+    cli(main)

@@ -204,20 +204,26 @@ def peak_flops(device: str, dtype: str) -> float:
 _measured: dict = {}
 
 
+def sync_device(device: str) -> None:
+    """Wait for the device's queued work, so a timer that stops now counts it (CUDA runs
+    asynchronously; other devices here return when the work is done)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def measure_matmul_flops(device: str, dtype=torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
     """Achieved FLOP/s of an n x n matmul, best of repeated timed runs."""
     import time
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b
-    sync()
+    sync_device(device)
     best, deadline = float("inf"), time.time() + seconds
     while time.time() < deadline:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b
-        sync()
+        sync_device(device)
         best = min(best, (time.perf_counter() - t0) / 4)
     return 2 * n ** 3 / best
 

@@ -22,7 +22,7 @@ import torch
 
 from common import (ConfigError, Logger, Runtime, StopSignal, any_rank, cli, config_dict, gather,
                     load_checkpoint, load_config, peak_flops, print0, save_checkpoint, setup_runtime,
-                    subset)
+                    subset, sync_device)
 from data import Examples, TokenWindows, dataset_dir, is_example_dataset
 from model import GPT, GPTConfig
 from tokenizer import load_meta
@@ -191,14 +191,13 @@ class PhaseClock:
     """tick(name) adds the seconds since the last tick to phases[name], after syncing the device
     so that queued GPU work lands in the phase that queued it. With phases None it does nothing."""
 
-    def __init__(self, phases: dict | None, device_type: str):
-        self.phases, self.t = phases, 0.0
-        self.sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+    def __init__(self, phases: dict | None, device: str):
+        self.phases, self.device, self.t = phases, device, 0.0
 
     def __call__(self, name: str | None = None) -> None:
         if self.phases is None:
             return
-        self.sync()
+        sync_device(self.device)
         now = time.perf_counter()
         if name is not None:
             self.phases[name] = self.phases.get(name, 0.0) + now - self.t
@@ -281,7 +280,7 @@ class Trainer:
         spent on data, forward, backward and optimizer are added to it; each boundary then syncs
         the device, so leave it None when speed matters."""
         run, mult = self.run, lr_multiplier(self.iter_num, self.cfg)
-        tick = PhaseClock(phases, run.device_type)
+        tick = PhaseClock(phases, run.device)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
