@@ -18,6 +18,20 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start
 
 
+def write_char_dataset(folder: str, text: str, n_val: int):
+    """A char-level dataset in folder: train.bin (text but its last n_val characters), val.bin
+    (those) and meta.json. Returns the tokenizer."""
+    from data import BinWriter
+    from tokenizer import CharTokenizer, save_meta
+    tok = CharTokenizer.from_text(text)
+    for split, part in (("train", text[:-n_val]), ("val", text[-n_val:])):
+        w = BinWriter(os.path.join(folder, f"{split}.bin"), tok.vocab_size)
+        w.write(tok.encode(part))
+        w.close()
+    save_meta(folder, tok.to_meta())
+    return tok
+
+
 def shared_path(*parts) -> str:
     """A file under ../shared, or skip the test when it is not there."""
     path = os.path.join(SHARED, *parts)

@@ -5,8 +5,7 @@ import math
 import pytest
 
 import bench
-from data import BinWriter
-from tokenizer import CharTokenizer, save_meta
+from conftest import write_char_dataset
 
 TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16",
         "--batch_size=4", "--bench_warmup=1", "--bench_iters=2", "--sample_tokens=24",
@@ -15,15 +14,9 @@ TINY = ["--device=cpu", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_siz
 
 @pytest.fixture
 def char_dataset(tmp_path):
-    text = "to be or not to be, that is the question.\n" * 50
-    tok = CharTokenizer.from_text(text)
-    folder = tmp_path / "chars"
-    for split, part in (("train", text[:-300]), ("val", text[-300:])):
-        w = BinWriter(str(folder / f"{split}.bin"), tok.vocab_size)
-        w.write(tok.encode(part))
-        w.close()
-    save_meta(str(folder), tok.to_meta())
-    return str(folder)
+    folder = str(tmp_path / "chars")
+    write_char_dataset(folder, "to be or not to be, that is the question.\n" * 50, n_val=300)
+    return folder
 
 
 @pytest.mark.parametrize("extra", [[], ["--optimizer=muon", "--pos_emb=rope", "--mlp=relu2",

@@ -7,9 +7,8 @@ import torch
 
 import muon
 import train
-from data import BinWriter
+from conftest import write_char_dataset
 from model import GPT, GPTConfig
-from tokenizer import CharTokenizer, save_meta
 
 NS = ((3.4445, -4.7750, 2.0315), 5, 1e-7)  # torch.optim.Muon's defaults
 
@@ -89,14 +88,9 @@ def test_one_muon_step_reduces_loss():
 def char_dataset(tmp_path):
     text = "".join(f"the {w} and the {w} of it, said {w}.\n" for w in
                    ["king", "queen", "fool", "lord", "lady", "knave"] * 60)
-    tok = CharTokenizer.from_text(text)
-    folder = tmp_path / "chars"
-    for split, part in (("train", text[:-600]), ("val", text[-600:])):
-        w = BinWriter(str(folder / f"{split}.bin"), tok.vocab_size)
-        w.write(tok.encode(part))
-        w.close()
-    save_meta(str(folder), tok.to_meta())
-    return str(folder)
+    folder = str(tmp_path / "chars")
+    write_char_dataset(folder, text, n_val=600)
+    return folder
 
 
 def _losses(out_dir):

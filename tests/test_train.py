@@ -10,9 +10,8 @@ import torch
 
 import train
 from common import ConfigError, load_config, load_model
-from conftest import ROOT
-from data import BinWriter, DataError
-from tokenizer import CharTokenizer, save_meta
+from conftest import ROOT, write_char_dataset
+from data import DataError
 
 TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
         "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 40
@@ -23,14 +22,8 @@ TINY = ["--dataset=tiny", "--device=cpu", "--block_size=32", "--batch_size=4", "
 
 
 def make_char_dataset(root, name="tiny", text=TEXT):
-    tok = CharTokenizer.from_text(text)
-    n = int(0.9 * len(text))
-    for split, part in (("train", text[:n]), ("val", text[n:])):
-        w = BinWriter(os.path.join(root, "data", name, f"{split}.bin"), tok.vocab_size)
-        w.write(tok.encode(part))
-        w.close()
-    save_meta(os.path.join(root, "data", name), tok.to_meta())
-    return tok
+    """data/<name> under root, split 90/10."""
+    return write_char_dataset(os.path.join(root, "data", name), text, len(text) - int(0.9 * len(text)))
 
 
 @pytest.fixture
