@@ -19,11 +19,9 @@ from contextlib import nullcontext
 
 import torch
 
+from model import ConfigError  # noqa: F401  (defined beside the config fields it checks)
+
 CKPT_VERSION = 1
-
-
-class ConfigError(ValueError):
-    pass
 
 
 # ----------------------------------------------------------------------------- config

@@ -9,7 +9,7 @@ References: GPT-2 (Radford et al. 2019), RoFormer (Su et al. 2021), GQA (Ainslie
 GLU variants (Shazeer 2020), Primer's ReLU^2 (So et al. 2021), QK-norm (Henry et al. 2020).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -22,38 +22,70 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+class ConfigError(ValueError):
+    """A config value that cannot work; .key names the offending key (None for a combination)."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+def setting(default, *, lo=None, hi=None, above=None, below=None, choices=None):
+    """A config field whose valid values sit beside its default: lo <= v <= hi, above < v < below,
+    or v in choices. Every config class (GPTConfig, train's, sft's, sample's, ...) is checked by
+    check_settings() when it is built, so a bad value fails before anything runs."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "above": above, "below": below,
+                                            "choices": choices})
+
+
+def check_settings(cfg) -> None:
+    """Raise ConfigError naming the first field of dataclass cfg outside its valid values."""
+    for f in fields(cfg):
+        v, m = getattr(cfg, f.name), f.metadata
+        bad = None
+        if isinstance(v, float) and not math.isfinite(v):
+            bad = "must be a finite number"
+        elif m.get("choices") is not None and v not in m["choices"]:
+            bad = "choose one of " + ", ".join(map(str, m["choices"]))
+        else:
+            limits = [(m.get("lo"), ">=", lambda a, b: a >= b), (m.get("hi"), "<=", lambda a, b: a <= b),
+                      (m.get("above"), ">", lambda a, b: a > b), (m.get("below"), "<", lambda a, b: a < b)]
+            failed = [f"{op} {limit}" for limit, op, ok in limits if limit is not None and not ok(v, limit)]
+            if failed:
+                wanted = " and ".join(f"{op} {limit}" for limit, op, _ in limits if limit is not None)
+                bad = f"must be {wanted}"
+        if bad:
+            raise ConfigError(f"{f.name} = {v!r}: {bad}", key=f.name)
+
+
 @dataclass
 class GPTConfig:
-    block_size: int = 1024
-    vocab_size: int = 50304  # GPT-2's 50257 padded up to a multiple of 64 for faster matmuls
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    n_kv_head: int = 0  # 0: same as n_head; fewer: grouped-query attention
-    mlp_hidden: int = 0  # 0: 4 * n_embd (swiglu: 8/3 * n_embd, so the parameter count matches)
-    dropout: float = 0.0
+    block_size: int = setting(1024, lo=1)
+    vocab_size: int = setting(50304, lo=1)  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = setting(12, lo=1)
+    n_head: int = setting(12, lo=1)
+    n_embd: int = setting(768, lo=1)
+    n_kv_head: int = setting(0, lo=0)  # 0: same as n_head; fewer: grouped-query attention
+    mlp_hidden: int = setting(0, lo=0)  # 0: 4 * n_embd (swiglu: 8/3 * n_embd, same parameters)
+    dropout: float = setting(0.0, lo=0.0, below=1.0)
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
-    pos_emb: str = "learned"  # learned | rope
-    rope_theta: float = 10000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm
-    mlp: str = "gelu"  # gelu | swiglu | relu2
+    pos_emb: str = setting("learned", choices=("learned", "rope"))
+    rope_theta: float = setting(10000.0, above=0.0)
+    norm: str = setting("layernorm", choices=("layernorm", "rmsnorm"))
+    mlp: str = setting("gelu", choices=("gelu", "swiglu", "relu2"))
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
-    logit_softcap: float = 0.0  # >0: logits = c * tanh(logits / c)
-    attn_impl: str = "sdpa"  # sdpa (fused kernel) | math (plain matmul-softmax, same result)
+    logit_softcap: float = setting(0.0, lo=0.0)  # >0: logits = c * tanh(logits / c)
+    attn_impl: str = setting("sdpa", choices=("sdpa", "math"))  # math: plain matmul-softmax
 
     def __post_init__(self):
-        choices = {"pos_emb": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"),
-                   "mlp": ("gelu", "swiglu", "relu2"), "attn_impl": ("sdpa", "math")}
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(f"{key} = {getattr(self, key)!r}: choose one of {allowed}")
+        check_settings(self)
         kv = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head or self.n_head % kv:
-            raise ValueError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and "
-                             f"n_head by n_kv_head ({kv})")
+            raise ConfigError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and "
+                              f"n_head by n_kv_head ({kv})")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("rope needs an even head size (n_embd / n_head)")
+            raise ConfigError("rope needs an even head size (n_embd / n_head)")
 
 
 class Norm(nn.Module):
@@ -283,9 +315,12 @@ class GPT(nn.Module):
         return logits
 
     def forward(self, idx: Tensor, targets: Tensor | None = None, weights: Tensor | None = None,
-                loss_only: bool = False):
+                loss_only: bool = False, reduction: str = "mean"):
         """logits (B, T, V) and, given targets (B, T) with -1 = ignore, the mean cross-entropy;
-        with weights (B, T), the weighted mean sum(w * ce) / sum(w). loss_only (the training loop
+        with weights (B, T), the weighted mean sum(w * ce) / sum(w). reduction="sum" returns the
+        (weighted) sum instead, 0 when nothing counts: the training loop divides by the targets
+        of the whole optimizer step, so a short answer weighs as much per token as a long one.
+        loss_only (the training loop
         on example datasets) returns logits None and applies the head only at the positions that
         count: in SFT most positions are prompt or padding, and with a 50k vocabulary the head is
         most of a small model's work. Finding those positions costs one host sync."""
@@ -302,9 +337,9 @@ class GPT(nn.Module):
             logits = self.head(h)
             flat = logits.float().view(-1, logits.size(-1))  # (B*T, V)
         if w is None:
-            return logits, F.cross_entropy(flat, targets, ignore_index=-1)
-        ce = F.cross_entropy(flat, targets, ignore_index=-1, reduction="none")
-        return logits, (ce * w).sum() / w.sum().clamp(min=1e-8)
+            return logits, F.cross_entropy(flat, targets, ignore_index=-1, reduction=reduction)
+        total = (F.cross_entropy(flat, targets, ignore_index=-1, reduction="none") * w).sum()
+        return logits, total if reduction == "sum" else total / w.sum().clamp(min=1e-8)
 
     # ------------------------------------------------------------------ optimizer
 

@@ -8,6 +8,7 @@ Flat token datasets are read as random block_size windows; example datasets (dat
 e.g. tiny_cls) as whole examples with their loss masks. The run folder weight/<run>/ gets
 ckpt.pt, config.json, log.jsonl and loss.png. Ctrl-C / SIGTERM finishes the step, saves and exits.
 """
+import dataclasses
 import json
 import math
 import os
@@ -77,14 +78,13 @@ class TrainConfig(GPTConfig):
 def model_config_for(cfg, meta: dict) -> GPTConfig:
     """The model's config: the GPTConfig keys of cfg, vocab_size from meta.json unless set.
     A BPE-sized vocabulary is padded to a multiple of 64, which matmuls run faster on."""
-    mcfg = subset(GPTConfig, cfg)
-    if cfg.vocab_size == 0:
-        v = meta["vocab_size"]
-        mcfg.vocab_size = 64 * math.ceil(v / 64) if v >= 1024 else v
-    elif cfg.vocab_size < meta["vocab_size"]:
-        raise ConfigError(f"vocab_size = {cfg.vocab_size} is smaller than the dataset's "
-                          f"{meta['vocab_size']}; leave it at 0 to take the dataset's")
-    return mcfg
+    vocab_size, v = cfg.vocab_size, meta["vocab_size"]
+    if vocab_size == 0:
+        vocab_size = 64 * math.ceil(v / 64) if v >= 1024 else v
+    elif vocab_size < v:
+        raise ConfigError(f"vocab_size = {vocab_size} is smaller than the dataset's {v}; leave "
+                          "it at 0 to take the dataset's", key="vocab_size")
+    return subset(GPTConfig, dataclasses.replace(cfg, vocab_size=vocab_size))
 
 
 def make_loaders(cfg, data_dir: str, meta: dict, run: Runtime, vocab_size: int) -> dict:
