@@ -41,7 +41,10 @@ def setting(default, *, lo=None, hi=None, above=None, below=None, choices=None):
 def check_settings(cfg) -> None:
     """Raise ConfigError naming the first field of dataclass cfg outside its valid values."""
     for f in fields(cfg):
-        v, m = getattr(cfg, f.name), f.metadata
+        # a subclass that re-declares a field to change its default keeps the parent's limits
+        v, m = getattr(cfg, f.name), next(
+            (g.metadata for c in type(cfg).__mro__ for g in getattr(c, "__dataclass_fields__", {}).values()
+             if g.name == f.name and g.metadata), {})
         bad = None
         if isinstance(v, float) and not math.isfinite(v):
             bad = "must be a finite number"
@@ -69,10 +72,12 @@ class GPTConfig:
     mlp_hidden: int = setting(0, lo=0)  # 0: 4 * n_embd (swiglu: 8/3 * n_embd, same parameters)
     dropout: float = setting(0.0, lo=0.0, below=1.0)
     bias: bool = True  # biases in Linear and LayerNorm, as in GPT-2
+    qkv_bias: bool = setting(False, choices=(False, True))  # q/k/v biases even when bias is off (Qwen2)
+    norm_eps: float = setting(0.0, lo=0.0)  # 0: 1e-5 for layernorm, 1e-6 for rmsnorm
     pos_emb: str = setting("learned", choices=("learned", "rope"))
     rope_theta: float = setting(10000.0, above=0.0)
     norm: str = setting("layernorm", choices=("layernorm", "rmsnorm"))
-    mlp: str = setting("gelu", choices=("gelu", "swiglu", "relu2"))
+    mlp: str = setting("gelu", choices=("gelu", "gelu_tanh", "swiglu", "relu2"))  # gelu_tanh: GPT-2's
     qk_norm: bool = False  # RMS-normalise queries and keys per head before attention
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     logit_softcap: float = setting(0.0, lo=0.0)  # >0: logits = c * tanh(logits / c)
@@ -89,18 +94,20 @@ class GPTConfig:
 
 
 class Norm(nn.Module):
-    """LayerNorm (optional bias) or RMSNorm, with a learned gain."""
+    """LayerNorm (optional bias) or RMSNorm, with a learned gain; eps 0 takes the kind's usual
+    value (1e-5 LayerNorm, 1e-6 RMSNorm). Imported models bring their own eps."""
 
-    def __init__(self, dim: int, kind: str = "layernorm", bias: bool = True):
+    def __init__(self, dim: int, kind: str = "layernorm", bias: bool = True, eps: float = 0.0):
         super().__init__()
         self.kind = kind
+        self.eps = eps or (1e-6 if kind == "rmsnorm" else 1e-5)
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim)) if bias and kind == "layernorm" else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "rmsnorm":
-            return F.rms_norm(x, self.weight.shape, self.weight, eps=1e-6)
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=1e-5)
+            return F.rms_norm(x, self.weight.shape, self.weight, eps=self.eps)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, eps=self.eps)
 
 
 def rope_tables(head_size: int, max_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -141,7 +148,7 @@ class CausalSelfAttention(nn.Module):
         self.head_size = config.n_embd // config.n_head
         # one fused projection for q, k, v; with GQA k and v have fewer heads than q
         qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_size
-        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias or config.qkv_bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.q_norm = Norm(self.head_size, "rmsnorm") if config.qk_norm else None
         self.k_norm = Norm(self.head_size, "rmsnorm") if config.qk_norm else None
@@ -171,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if pos > 0 and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        causal = pos == 0 and T > 1
+        causal = pos == 0  # with T == 1 the causal mask is a no-op; a plain bool keeps torch.export happy
         dropout = self.dropout if self.training else 0.0
         if self.attn_impl == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
@@ -211,6 +218,8 @@ class MLP(nn.Module):
         h = self.c_fc(x)
         if self.kind == "gelu":
             h = F.gelu(h)
+        elif self.kind == "gelu_tanh":  # GPT-2's approximation; imported GPT-2 weights expect it
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
@@ -224,9 +233,9 @@ class Block(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = Norm(config.n_embd, config.norm, config.bias)
+        self.ln_1 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = Norm(config.n_embd, config.norm, config.bias)
+        self.ln_2 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, rope=None, cache=None, pos: int = 0) -> Tensor:
@@ -243,7 +252,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=Norm(config.n_embd, config.norm, config.bias),
+            ln_f=Norm(config.n_embd, config.norm, config.bias, config.norm_eps),
         ))
         if config.pos_emb == "learned":
             self.transformer["wpe"] = nn.Embedding(config.block_size, config.n_embd)

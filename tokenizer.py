@@ -1,19 +1,25 @@
 """
 Tokenizers and the chat template.
 
-Three kinds, all saved to and loaded from a dataset's meta.json (and carried inside every
+Four kinds, all saved to and loaded from a dataset's meta.json (and carried inside every
 checkpoint), so a model never needs anything but its ckpt.pt to read and write text:
   char      a table of characters built from the corpus (Shakespeare-char)
   tiktoken  OpenAI's GPT-2 BPE via tiktoken (offline: set TIKTOKEN_CACHE_DIR)
   vocab     an explicit list of whitespace-separated tokens (image codes, imported vocabularies)
-Special tokens are real ids appended after the base vocabulary; encode() never turns text that
-merely looks like a special token into one, so user text cannot inject a turn boundary.
+  bpe       a byte-level BPE carried whole in meta.json (token bytes by id, split pattern), run
+            by tiktoken: what an imported Hugging Face tokenizer.json becomes (convert.py)
+Special tokens are real ids (appended after the base vocabulary, or wherever an imported
+tokenizer put them); encode() never turns text that merely looks like a special token into one,
+so user text cannot inject a turn boundary.
 """
+import base64
 import codecs
 import json
 import os
+import re
+import unicodedata
 
-META_VERSION = 1
+META_VERSION = 2  # 2: the bpe kind; version 1 files (char, tiktoken, vocab) read unchanged
 
 # Chat template: one start-of-turn token per role, then the content, then END_OF_TURN.
 ROLE_TOKENS = {
@@ -170,13 +176,26 @@ class VocabTokenizer(Tokenizer):
         return added
 
     def encode(self, text: str) -> list[int]:
-        # In a vocab tokenizer every token is spelled out, specials included.
+        """User text: a word that names a special token (<|end|>, <CLS>) reads as an unknown
+        word, so it cannot open or close a turn. Unknown words become the unk token (the one
+        special id this may produce) or, without one, a KeyError."""
+        return self._lookup(text, allow_special=False)
+
+    def encode_tokens(self, text: str) -> list[int]:
+        """A token sequence written by a program (prepare scripts, tests): every token spelled
+        out, special tokens included."""
+        return self._lookup(text, allow_special=True)
+
+    def _lookup(self, text: str, allow_special: bool) -> list[int]:
         ids = []
         for tok in text.split():
-            if tok in self.stoi:
+            if tok in self.stoi and (allow_special or tok not in self.special_tokens):
                 ids.append(self.stoi[tok])
             elif self.unk_token is not None:
                 ids.append(self.stoi[self.unk_token])
+            elif tok in self.stoi:
+                raise KeyError(f"{tok!r} is a special token: user text cannot spell it (a program "
+                               "that builds token sequences uses encode_tokens)")
             else:
                 raise KeyError(f"token {tok!r} is not in the vocabulary and it has no unk token")
         return ids
@@ -189,6 +208,50 @@ class VocabTokenizer(Tokenizer):
 
     def _meta_fields(self) -> dict:
         return {"tokens": self.tokens, "unk_token": self.unk_token}
+
+
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE given whole: the bytes of each token by id (a merge's rank is its
+    token's id, as in tiktoken), the regex that splits text before merging, an optional Unicode
+    normalization, and non-special added tokens that are matched as whole strings first.
+    Special tokens may sit anywhere in the id range (SmolLM2 puts them first)."""
+
+    kind = "bpe"
+
+    def __init__(self, token_bytes: list[bytes | None], pattern: str, special_tokens=None,
+                 normalization: str | None = None, added_tokens: dict | None = None):
+        import tiktoken
+        super().__init__(len(token_bytes), special_tokens)
+        self.token_bytes = list(token_bytes)
+        self.pattern, self.normalization = pattern, normalization
+        self.added_tokens = dict(added_tokens or {})
+        self.added_bytes = {i: t.encode("utf-8") for t, i in self.added_tokens.items()}
+        ranks = {b: i for i, b in enumerate(self.token_bytes) if b is not None}
+        self.enc = tiktoken.Encoding("danlu-bpe", pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens={})
+        self.added_re = (re.compile("(" + "|".join(map(re.escape, sorted(self.added_tokens, key=len,
+                                                                         reverse=True))) + ")")
+                         if self.added_tokens else None)
+
+    def _encode_text(self, text: str) -> list[int]:
+        if self.normalization:
+            text = unicodedata.normalize(self.normalization, text)
+        if self.added_re is None:
+            return self.enc.encode_ordinary(text)
+        ids = []
+        for i, part in enumerate(self.added_re.split(text)):  # odd parts are added tokens
+            ids += [self.added_tokens[part]] if i % 2 else self.enc.encode_ordinary(part)
+        return ids
+
+    def _decode_bytes(self, ids) -> bytes:
+        table, added = self.token_bytes, self.added_bytes
+        return b"".join(table[i] if table[i] is not None else added.get(i, b"")
+                        for i in ids if i < len(table))
+
+    def _meta_fields(self) -> dict:
+        tokens = [None if b is None else base64.b64encode(b).decode("ascii") for b in self.token_bytes]
+        return {"pattern": self.pattern, "normalization": self.normalization,
+                "added_tokens": self.added_tokens, "tokens_b64": tokens}
 
 
 class StreamDecoder:
@@ -227,12 +290,32 @@ def from_meta(meta: dict) -> Tokenizer:
         tok = TiktokenTokenizer(meta.get("encoding", "gpt2"), specials)
     elif kind == "vocab":
         tok = VocabTokenizer(meta["tokens"], specials, meta.get("unk_token"))
+    elif kind == "bpe":
+        table = [None if t is None else base64.b64decode(t) for t in meta["tokens_b64"]]
+        tok = BPETokenizer(table, meta["pattern"], specials, meta.get("normalization"),
+                           meta.get("added_tokens"))
     else:
-        raise ValueError(f"unknown tokenizer kind {kind!r} in meta.json (char, tiktoken or vocab)")
+        raise ValueError(f"unknown tokenizer kind {kind!r} in meta.json (char, tiktoken, vocab or bpe)")
     if tok.vocab_size != meta.get("vocab_size", tok.vocab_size):
         raise ValueError(f"meta.json says vocab_size={meta['vocab_size']} but its tokenizer "
                          f"has {tok.vocab_size} ids; the file was edited or is corrupt")
     return tok
+
+
+def same_base(a: dict, b: dict) -> bool:
+    """True when meta b encodes text exactly as meta a does: the same kind and table, and every
+    special token of a at the same id in b (b may append more, as SFT data does)."""
+    if a.get("kind") != b.get("kind") or b["vocab_size"] < a["vocab_size"]:
+        return False
+    table = {"char": ("chars",), "tiktoken": ("encoding",),
+             "bpe": ("tokens_b64", "pattern", "normalization", "added_tokens")}.get(a["kind"], ())
+    if a["kind"] == "vocab":
+        same = b["tokens"][:len(a["tokens"])] == a["tokens"]
+    else:
+        default = {"encoding": "gpt2"}  # meta.json files from before the key was written
+        same = all(a.get(k, default.get(k)) == b.get(k, default.get(k)) for k in table)
+    specials = b.get("special_tokens", {})
+    return same and all(specials.get(k) == v for k, v in a.get("special_tokens", {}).items())
 
 
 def load_meta(data_dir: str) -> dict:
