@@ -398,6 +398,23 @@ def gpt2_meta_if_same(meta: dict) -> dict:
     return gpt2.to_meta() if same else meta
 
 
+def named_specials(folder: str, specials: dict) -> dict:
+    """bos_token / eos_token of the folder's tokenizer_config.json, when they are special tokens
+    (kept in meta.json so that an export writes them back)."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    out = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        value = value.get("content") if isinstance(value, dict) else value
+        if value in specials:
+            out[key] = value
+    return out
+
+
 def folder_tokenizer(folder: str, hf: dict) -> dict:
     """The tokenizer meta of a Hugging Face folder: tokenizer.json, else GPT-2's vocab.json +
     merges.txt, else (a GPT-2 folder holding weights only) tiktoken's gpt2."""
@@ -411,6 +428,7 @@ def folder_tokenizer(folder: str, hf: dict) -> dict:
             return meta
         meta = bpe_meta(tj, path)
         verify_tokenizer(meta, path)
+        meta.update(named_specials(folder, meta["special_tokens"]))
     elif os.path.exists(vocab) and os.path.exists(merges):
         with open(vocab, encoding="utf-8") as f:
             table = json.load(f)
@@ -661,7 +679,8 @@ def save_hf(config: GPTConfig, state: dict, meta: dict, dest: str, card: str = "
     hf, tensors = (gpt2_to_hf if gpt2 else llama_to_hf)(config, state)
     specials = meta.get("special_tokens", {})
     eos = end_token(meta)
-    ids = {"eos_token_id": specials.get(eos), "bos_token_id": specials.get(meta.get("bos_token") or eos)}
+    bos = meta.get("bos_token") or ("<|endoftext|>" if eos == "<|endoftext|>" else None)
+    ids = {"eos_token_id": specials.get(eos), "bos_token_id": specials.get(bos)}
     ids = {k: v for k, v in ids.items() if v is not None}
     hf.update(ids, torch_dtype="float32", use_cache=True, initializer_range=0.02)
     files = {"config.json": hf, "generation_config.json": {**ids, "pad_token_id": ids.get("eos_token_id"),
