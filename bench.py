@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (ConfigError, cli, config_dict, load_config, load_model, measure_matmul_flops,
+from common import (ConfigError, atomic_write, cli, config_dict, load_config, load_model, measure_matmul_flops,
                     peak_flops, print0, setup_runtime, sync_device)
 from data import DataError, dataset_dir
 from model import GPT, GPTConfig
@@ -81,46 +81,72 @@ def build(cfg, run):
     return model, loader, data_dir or "random tokens"
 
 
-def timed_steps(trainer, n: int, split: bool) -> dict:
-    """n training steps through train.py's Trainer.step; with split, seconds per phase."""
-    phases = dict(data=0.0, forward=0.0, backward=0.0, optimizer=0.0) if split else None
-    step_seconds = []
+def timed(fn, n: int, device: str) -> list[float]:
+    """Seconds of each of n calls of fn(), the device synced around each."""
+    seconds = []
     for _ in range(n):
-        sync_device(trainer.run.device)
+        sync_device(device)
         t0 = time.perf_counter()
-        result = trainer.step(phases)
-        sync_device(trainer.run.device)
-        step_seconds.append(time.perf_counter() - t0)
-    if result is None:
-        raise RuntimeError("the loss was not finite during the benchmark; check the config")
-    loss, _, seq_len = result
-    return {"step_seconds": step_seconds, "loss": loss.item(), "phases": phases, "seq_len": seq_len}
+        fn()
+        sync_device(device)
+        seconds.append(time.perf_counter() - t0)
+    return seconds
+
+
+def phase_split(trainer, n: int) -> dict:
+    """Median seconds per step of: reading the step's batches, their forward passes, forward +
+    backward, and a whole Trainer.step; backward and the optimizer are the differences. Timed
+    beside the loop, never inside it, so the step train.py runs carries no timers."""
+    run, model, cfg = trainer.run, trainer.model, trainer.cfg
+    loader = trainer.loaders["train"]
+    batches = [loader.get_batch(run.device) for _ in range(trainer.accum)]
+
+    def forward(backward: bool):
+        for x, y, w in batches:
+            with run.autocast:
+                loss = model(x, y, w, loss_only=trainer.loss_only, reduction="sum")[1] / trainer.norm
+            if backward:
+                loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    def data():
+        for _ in range(trainer.accum):
+            loader.get_batch(run.device)
+    median = {name: statistics.median(timed(fn, n, run.device)) for name, fn in (
+        ("data", data), ("forward", lambda: forward(False)), ("forward_backward", lambda: forward(True)),
+        ("step", trainer.step))}
+    return {"data": median["data"], "forward": median["forward"],
+            "backward": max(0.0, median["forward_backward"] - median["forward"]),
+            "optimizer": max(0.0, median["step"] - median["data"] - median["forward_backward"])}
 
 
 def bench_training(cfg, run, model, loader, peak: float) -> dict:
     trainer = Trainer(cfg, run, model, {"train": loader}, tokenizer_meta={})
     model.train()
-    timed_steps(trainer, cfg.bench_warmup, split=False)
-    steady = timed_steps(trainer, cfg.bench_iters, split=False)
-    split = timed_steps(trainer, cfg.bench_iters, split=True)
+    results = []
+    timed(lambda: results.append(trainer.step()), cfg.bench_warmup, run.device)
+    steady = timed(lambda: results.append(trainer.step()), cfg.bench_iters, run.device)
+    if any(r.skipped for r in results):
+        raise RuntimeError("the loss was not finite during the benchmark; check the config")
+    phases = phase_split(trainer, cfg.bench_iters)
     tokens_per_iter = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps
     # the median step: robust to a few steps slowed by other processes on a shared machine
-    step_s = statistics.median(steady["step_seconds"])
+    step_s = statistics.median(steady)
     tok_s = tokens_per_iter / step_s
-    flops_per_token = model.flops_per_token(steady["seq_len"])
-    phase_total = sum(split["phases"].values())
+    flops_per_token = model.flops_per_token(results[-1].seq_len)
+    phase_total = sum(phases.values())
     return {
         "tokens_per_iter": tokens_per_iter,
         "ms_per_iter": 1e3 * step_s,
-        "ms_per_iter_mean": 1e3 * statistics.mean(steady["step_seconds"]),
-        "ms_per_iter_min": 1e3 * min(steady["step_seconds"]),
+        "ms_per_iter_mean": 1e3 * statistics.mean(steady),
+        "ms_per_iter_min": 1e3 * min(steady),
         "tokens_per_s": tok_s,
         "flops_per_token": flops_per_token,
         "achieved_flops": tok_s * flops_per_token,
-        "mfu": tok_s * flops_per_token / peak,
-        "split_ms_per_iter": {k: 1e3 * v / cfg.bench_iters for k, v in split["phases"].items()},
-        "split_fraction": {k: v / phase_total for k, v in split["phases"].items()},
-        "final_loss": steady["loss"],
+        "mfu": tok_s * flops_per_token / max(peak, tok_s * flops_per_token),
+        "split_ms_per_iter": {k: 1e3 * v for k, v in phases.items()},
+        "split_fraction": {k: v / phase_total for k, v in phases.items()},
+        "final_loss": results[-1].loss,
     }
 
 
@@ -220,7 +246,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)
 
     gpu = run.device_type == "cuda"
-    peak_dtype = torch.bfloat16 if gpu else torch.float32
+    peak_dtype = torch.bfloat16 if gpu else run.ptdtype
     # best of many short timings: on a shared CPU a few of them still see the whole machine
     peak_size = cfg.peak_size or (8192 if gpu else 1024)
     peak = measure_matmul_flops(run.device, peak_dtype, n=peak_size, seconds=cfg.peak_seconds)
@@ -235,7 +261,8 @@ def main(argv=None) -> dict:
     result["train"] = bench_training(cfg, run, model, loader, peak)
     # the peak train.py logs MFU against: the datasheet's for known GPUs, else a timed matmul
     result["peak_flops_train_py"] = peak_flops(run.device, run.dtype)
-    result["mfu_train_py"] = result["train"]["achieved_flops"] / result["peak_flops_train_py"]
+    result["mfu_train_py"] = result["train"]["achieved_flops"] / max(result["peak_flops_train_py"],
+                                                                     result["train"]["achieved_flops"])
     result["sampling"] = bench_sampling(cfg, run, model)
     result["loader"] = bench_loader(cfg, run, loader)
     result["config"] = config_dict(cfg)
@@ -243,7 +270,7 @@ def main(argv=None) -> dict:
 
     print0(report(result))
     os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
-    with open(out_path, "w") as f:
+    with atomic_write(out_path, "w") as f:
         json.dump(result, f, indent=1)
     print0(f"wrote {out_path}")
     return result

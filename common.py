@@ -1,27 +1,30 @@
 """
-What every entry point shares: config loading, the device / dtype / DDP runtime, checkpoint
-save and load, and rank-0 printing.
+What every entry point shares: config loading, the device / dtype / DDP runtime, the error
+handling of cli(), rank-0 printing, the training log and stop signals. Checkpoints and atomic
+writes live in checkpoint.py.
 
-Config: defaults are a dataclass; `config/<name>.py` is run in a namespace holding those
-defaults (so it may compute values), then `--key=value` overrides apply. Unknown keys and values
-of the wrong type are errors that name the key, the file, and the closest valid key.
+Config: defaults are a dataclass whose fields carry their valid values (model.setting);
+`config/<name>.py` is run in a namespace holding those defaults (so it may compute values), then
+`--key=value` overrides apply. Unknown keys, values of the wrong type and values out of range
+are errors that name the key, where it was set, and the fix.
 """
 import ast
 import ctypes
 import dataclasses
 import difflib
 import json
+import math
 import os
 import signal
 import sys
+import traceback
 import typing
 from contextlib import nullcontext
 
 import torch
 
-from model import ConfigError  # noqa: F401  (defined beside the config fields it checks)
-
-CKPT_VERSION = 1
+from checkpoint import CheckpointError, atomic_write, load_model  # noqa: F401  (entry points import them here)
+from model import ConfigError  # defined beside the config fields it checks
 
 
 # ----------------------------------------------------------------------------- config
@@ -54,24 +57,41 @@ def parse_cli_value(text: str):
         return text
 
 
+def run_config_file(path: str, namespace: dict) -> None:
+    """Run a flat config file in namespace; a mistake in it is an error naming file:line."""
+    if not path.endswith(".py"):
+        raise ConfigError(f"{path}: a config file is a flat Python file of key = value lines "
+                          "(config/<name>.py); pass other values as --key=value")
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist (configs live in config/)")
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        exec(compile(source, path, "exec"), {}, namespace)
+    except SyntaxError as e:
+        raise ConfigError(f"{path}:{e.lineno}: {e.msg}: {(e.text or '').strip()!r}") from None
+    except Exception as e:  # a name that is not a key, a failing computation
+        line = next((fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path), "?")
+        raise ConfigError(f"{path}:{line}: {type(e).__name__}: {e} (values are Python "
+                          "literals or expressions of keys set above)") from None
+
+
 def load_config(cls, argv: list[str]):
     """Build a `cls` dataclass from [config_file.py] [--key=value ...]."""
     values = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
+    where = {}  # key -> the file or "command line" that set it, for error messages
     args = list(argv)
     if args and not args[0].startswith("--"):
         path = args.pop(0)
-        if not os.path.exists(path):
-            raise ConfigError(f"config file {path} does not exist (configs live in config/)")
         namespace = dict(values)
-        with open(path, encoding="utf-8") as f:
-            source = f.read()
-        exec(compile(source, path, "exec"), {}, namespace)
+        run_config_file(path, namespace)
         for key, value in namespace.items():
             if key.startswith("_") or isinstance(value, type(sys)) or callable(value):
                 continue  # imports, helpers and private names in a config are not keys
             if key not in values:
                 raise _unknown(cls, key, path)
-            values[key] = _check_type(cls, key, value, path)
+            if value is not values[key]:
+                values[key], where[key] = _check_type(cls, key, value, path), path
     hints = typing.get_type_hints(cls)
     while args:
         arg = args.pop(0)
@@ -90,17 +110,15 @@ def load_config(cls, argv: list[str]):
         value = parse_cli_value(text)
         if hints[key] is str:
             value = text  # a string key takes the text as written (e.g. --out_dir=123)
-        values[key] = _check_type(cls, key, value, "command line")
-    return cls(**values)
+        values[key], where[key] = _check_type(cls, key, value, "command line"), "command line"
+    try:
+        return cls(**values)
+    except ConfigError as e:  # a value out of range: say where it was set
+        raise ConfigError(f"{where.get(e.key, 'default')}: {e}", e.key) from None
 
 
 def config_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
-
-
-def subset(cls, cfg):
-    """The fields of dataclass `cls` (e.g. GPTConfig) taken from a larger config."""
-    return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -124,13 +142,22 @@ class Runtime:
 
 
 def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """auto: cuda, then mps, then cpu. An explicit device this machine lacks is a ConfigError."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    kind = device.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        build = "this torch is a CPU build" if torch.version.cuda is None else "no GPU is visible"
+        raise ConfigError(f"device = {device!r}: no CUDA here ({build}); use --device=cpu (or auto)", "device")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device = {device!r}: no Apple GPU here; use --device=cpu (or auto)", "device")
+    if kind not in ("cpu", "cuda", "mps", "meta"):
+        raise ConfigError(f"device = {device!r}: choose auto, cpu, cuda, cuda:N or mps", "device")
+    return device
 
 
 def keep_freed_memory() -> bool:
@@ -171,7 +198,7 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         # bf16 is fast on GPUs; on CPUs without AMX it runs matmuls ~300x slower than float32
         dtype = "bfloat16" if device_type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype = {dtype!r}: choose float32, bfloat16 or float16")
+        raise ConfigError(f"dtype = {dtype!r}: choose auto, float32, bfloat16 or float16", "dtype")
     ptdtype = getattr(torch, dtype)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -187,15 +214,17 @@ _PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 
 
 
 def peak_flops(device: str, dtype: str) -> float:
-    """FLOP/s that MFU is measured against: the datasheet's dense bf16 figure for known GPUs,
-    otherwise a float32 matmul timed on this device (cached per process)."""
+    """FLOP/s that MFU is measured against: the datasheet's dense bf16/fp16 figure for known
+    GPUs, otherwise a matmul in the dtype training uses, timed on this device once per process.
+    The trainer raises it to any higher rate the model itself reaches, so MFU never reads
+    above 100%."""
     if device.startswith("cuda") and dtype != "float32":
         name = torch.cuda.get_device_name(device)
         for key, peak in _PEAKS.items():
             if key in name:
                 return peak
     if (device, dtype) not in _measured:
-        _measured[(device, dtype)] = measure_matmul_flops(device, torch.float32)
+        _measured[(device, dtype)] = measure_matmul_flops(device, getattr(torch, dtype))
     return _measured[(device, dtype)]
 
 
@@ -210,10 +239,13 @@ def sync_device(device: str) -> None:
 
 
 def measure_matmul_flops(device: str, dtype=torch.float32, n: int = 1024, seconds: float = 0.3) -> float:
-    """Achieved FLOP/s of an n x n matmul, best of repeated timed runs."""
+    """Achieved FLOP/s of an n x n matmul, best of repeated timed runs. Its inputs come from a
+    private generator: drawing from the global one would shift every random number a resumed
+    run draws after it (dropout), and resume must equal an uninterrupted run."""
     import time
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
     a @ b
     sync_device(device)
     best, deadline = float("inf"), time.time() + seconds
@@ -246,93 +278,23 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def save_checkpoint(path: str, ckpt: dict) -> None:
-    """Write atomically: temp file in the same folder, fsync, rename. A crash at any moment
-    leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": CKPT_VERSION, **ckpt}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, OSError):  # disk full, quota, permissions: say what survived
-            raise CheckpointError(f"could not write {path} ({e}); the previous checkpoint there is "
-                                  "untouched. Free disk space (or fix the folder) and resume.") from e
-        raise
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    """torch.load with weights_only=True, turning every failure into a message a user can act on."""
-    if os.path.isdir(path):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py config/...)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path} is not a readable danlu checkpoint ({type(e).__name__}: {str(e)[:200]}). "
-            "It may be truncated (disk full, killed copy) or from another program; restore "
-            "it from a backup or retrain.") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise CheckpointError(f"{path} loads, but is not a danlu checkpoint (no model/model_config)")
-    version = ckpt.get("format_version", 0)
-    if version > CKPT_VERSION:
-        raise CheckpointError(f"{path} has format_version {version}, newer than this danlu "
-                              f"reads ({CKPT_VERSION}); update danlu")
-    return ckpt
-
-
-def load_model(path: str, device: str = "cpu"):
-    """(model in eval mode, checkpoint dict) from a run folder or ckpt.pt."""
-    from model import GPT, GPTConfig
-    ckpt = load_checkpoint(path)
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    model = GPT(GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known}))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
-
-
 # ----------------------------------------------------------------------------- many processes
 
-def gather(obj, run: Runtime) -> list:
-    """obj from every rank, in rank order (a one-element list without DDP)."""
-    if not run.ddp:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * run.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def any_rank(flag: bool, run: Runtime) -> bool:
-    """True on every rank if it is true on any: ranks must agree on when to skip or stop."""
-    if not run.ddp:
-        return flag
-    import torch.distributed as dist
-    t = torch.tensor([float(flag)], device=run.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def all_reduce_sum(t: torch.Tensor, run: Runtime) -> torch.Tensor:
+    """t summed over every process, in place (t itself without DDP)."""
+    if run.ddp:
+        import torch.distributed as dist
+        dist.all_reduce(t)
+    return t
 
 
 # ----------------------------------------------------------------------------- logging and signals
+
+def json_line(record: dict) -> str:
+    """One log.jsonl line; a non-finite number is written as null (NaN is not JSON)."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+    return json.dumps(clean, allow_nan=False, ensure_ascii=False) + "\n"
+
 
 class Logger:
     """log.jsonl, loss.png, the progress bar and wandb; all of it on rank 0 only."""
@@ -353,8 +315,8 @@ class Logger:
                 # the resumed run evaluates start_iter again: drop the old copy of that eval
                 self.records = [r for r in map(json.loads, f)
                                 if r["iter"] < start_iter or (r["iter"] == start_iter and "lr" in r)]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.records)
+            with atomic_write(self.path, "w", encoding="utf-8") as f:
+                f.writelines(map(json_line, self.records))
         from tqdm import tqdm
         self.bar = tqdm(total=total_iters, initial=start_iter, dynamic_ncols=True,
                         disable=not sys.stderr.isatty(), desc="train")
@@ -367,8 +329,8 @@ class Logger:
         if not self.enabled:
             return
         self.records.append(record)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json_line(record))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["iter"])
         if printed:
@@ -378,33 +340,56 @@ class Logger:
                 self.bar.write(printed)
 
     def plot(self, out_dir: str) -> None:
+        """loss.png: train and val loss, the learning rate on a second axis, val accuracy for
+        classifiers. Written atomically, like every file danlu writes."""
         if not self.enabled:
             return
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
-        fig, ax = plt.subplots(figsize=(7, 4))
-        steps = [(r["iter"], r["train_loss"]) for r in self.records if "lr" in r]
-        evals = [(r["iter"], r["val_loss"]) for r in self.records if "val_loss" in r]
-        for pts, label in ((steps, "train loss (step)"), (evals, "val loss")):
-            if pts:
-                ax.plot(*zip(*pts), label=label)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "loss.png"), dpi=100)
-        plt.close(fig)
+        plot_log(self.records, os.path.join(out_dir, "loss.png"))
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def plot_log(records: list[dict], path: str, title: str = "") -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RuntimeError("loss.png needs matplotlib: pip install -r requirements.txt") from None
+
+    def series(key, need="lr"):
+        return [(r["iter"], r[key]) for r in records if r.get(key) is not None and need in r]
+    acc = series("val_acc", "val_acc")
+    fig, axes = plt.subplots(2 if acc else 1, 1, figsize=(7, 6 if acc else 4), squeeze=False, sharex=True)
+    ax = axes[0, 0]
+    for pts, label in ((series("train_loss"), "train loss (step)"), (series("val_loss", "val_loss"), "val loss")):
+        if pts:
+            ax.plot(*zip(*pts), label=label)
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if series("lr"):
+        right = ax.twinx()
+        right.plot(*zip(*series("lr")), ":", color="gray", label="learning rate")
+        right.set_ylabel("learning rate")
+        more = right.get_legend_handles_labels()
+        handles, labels = handles + more[0], labels + more[1]
+    ax.legend(handles, labels, fontsize=8)
+    if title:
+        ax.set_title(title)
+    if acc:
+        axes[1, 0].plot(*zip(*acc), color="green", marker=".")
+        axes[1, 0].set_ylabel("val accuracy")
+        axes[1, 0].grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("iteration")
+    fig.tight_layout()
+    with atomic_write(path) as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
 
 
 class StopSignal:

@@ -129,31 +129,48 @@ def _to_device(t: torch.Tensor, device: str) -> torch.Tensor:
 
 
 class TokenWindows:
-    """Random windows of block_size+1 tokens from a flat token stream: x = w[:-1], y = w[1:]."""
+    """Random windows of block_size+1 tokens from a flat token stream: x = w[:-1], y = w[1:].
 
-    def __init__(self, data_dir, split, block_size, batch_size, vocab_size, seed=1337, rank=0):
+    Window j of the stream starts at a position drawn from (seed, j) alone: PCG64 can jump to
+    its j-th output directly. All ranks share one stream, rank r taking windows pos + r*B ..
+    pos + r*B + B - 1 of each micro-step; the state is the global position, so a checkpoint
+    resumes on any number of processes and every optimizer step still reads the same windows."""
+
+    def __init__(self, data_dir, split, block_size, batch_size, vocab_size, seed=1337, rank=0, world_size=1):
         self.path = os.path.join(data_dir, f"{split}.bin")
         n = check_tokens(data_dir, split, vocab_size)
         if n < block_size + 1:
             raise DataError(f"{self.path} holds {n} tokens, fewer than one block "
                             f"(block_size+1 = {block_size + 1}); lower block_size or add data")
         self.n, self.block_size, self.batch_size = n, block_size, batch_size
-        # Each rank draws its own windows: the seed includes the rank.
-        self.rng = np.random.Generator(np.random.PCG64([seed, rank]))
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.pos = 0  # windows drawn so far by all ranks together
+
+    def window_starts(self, first: int, count: int) -> np.ndarray:
+        """Start offsets of windows first .. first+count-1 of this seed's stream."""
+        bits = np.random.PCG64(self.seed)
+        bits.advance(first)  # as if `first` 64-bit numbers had been drawn
+        # modulo bias is below (n / 2^64): nothing at any dataset size
+        return (bits.random_raw(count) % np.uint64(self.n - self.block_size)).astype(np.int64)
 
     def get_batch(self, device="cpu"):
         # Re-open the memmap for every batch: a long-lived memmap keeps every page it ever
         # touched resident, so RSS would grow with the dataset.
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        starts = self.rng.integers(0, self.n - self.block_size, size=self.batch_size)
+        starts = self.window_starts(self.pos + self.rank * self.batch_size, self.batch_size)
+        self.pos += self.batch_size * self.world_size
         w = torch.from_numpy(np.stack([data[s:s + self.block_size + 1] for s in starts]).astype(np.int64))
         return _to_device(w[:, :-1], device), _to_device(w[:, 1:], device), None
 
+    def rewind(self) -> None:
+        """Back to the first window (evaluation reads the same windows every time)."""
+        self.pos = 0
+
     def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
+        return {"pos": self.pos}
 
     def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
+        self.pos = int(state["pos"])
 
 
 class Examples:
@@ -163,11 +180,15 @@ class Examples:
     position i is the token that follows it. With a mask file, y[i] counts as a target when
     mask[i+1] = 1; the rest gets weight prompt_loss_weight (0: ignored). Padding is always
     ignored (y = -1). An example longer than block_size+1 keeps its last block_size+1 tokens:
-    the answer sits at the end (the class token, the assistant reply), so the start is cut.
+    the answer sits at the end (the class token), so the start is cut. With whole_only (chat
+    data, which prepare/sft.py cuts at turn boundaries) a longer example is an error instead:
+    cutting it here would start it mid-turn.
+    The state (epoch, position) is global: rank r takes its slice of each global batch.
     """
 
     def __init__(self, data_dir, split, block_size, batch_size, vocab_size, seed=1337,
-                 rank=0, world_size=1, shuffle=True, prompt_loss_weight=0.0):
+                 rank=0, world_size=1, shuffle=True, prompt_loss_weight=0.0, whole_only=False,
+                 accum=1):
         base = os.path.join(data_dir, split)
         self.bin_path, self.mask_path = base + ".bin", base + ".mask.bin"
         n_tokens = check_tokens(data_dir, split, vocab_size)
@@ -177,12 +198,18 @@ class Examples:
         self.ends = np.append(self.starts[1:], n_tokens)
         if len(self.starts) == 0 or np.any(self.ends <= self.starts):
             raise DataError(f"{base}.idx is empty or not increasing; re-run the prepare script")
+        longest = int((self.ends - self.starts).max())
+        if whole_only and longest > block_size + 1:
+            raise DataError(f"{base}.bin holds an example of {longest} tokens, longer than "
+                            f"block_size + 1 = {block_size + 1}; cutting it would start it mid-turn. "
+                            f"Prepare it again with --max_length {block_size + 1}, or raise block_size")
         self.has_mask = os.path.exists(self.mask_path)
         if self.has_mask and os.path.getsize(self.mask_path) != n_tokens:
             raise DataError(f"{self.mask_path} has {os.path.getsize(self.mask_path)} bytes but "
                             f"{self.bin_path} has {n_tokens} tokens; re-run the prepare script")
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
+        self.accum = accum  # micro-batches per optimizer step on each rank
         self.prompt_loss_weight = prompt_loss_weight
         self.epoch, self.pos = 0, 0
         self.order = self._order()
@@ -221,17 +248,21 @@ class Examples:
         return _to_device(torch.from_numpy(x), device), _to_device(torch.from_numpy(y), device), weights
 
     def get_batch(self, device="cpu"):
-        """The next batch of this rank; epochs wrap around with a fresh shuffle."""
-        step = self.batch_size * self.world_size
-        if self.pos + step > len(self):
+        """The next batch of this rank. An epoch ends (with a fresh shuffle) only between
+        optimizer steps, when a whole step no longer fits: so batch 8 x 1, 4 x 2 and 2
+        processes x 4 read the same examples in every step."""
+        micro = self.batch_size * self.world_size
+        step = micro * self.accum
+        if (self.pos // micro) % self.accum == 0 and self.pos + step > len(self):
             self.epoch, self.pos = self.epoch + 1, 0
             self.order = self._order()
             if step > len(self):
                 raise DataError(f"{self.bin_path} holds {len(self)} examples, fewer than one "
-                                f"global batch ({step}); lower batch_size")
+                                f"optimizer step takes ({step}); lower batch_size or "
+                                "gradient_accumulation_steps")
         lo = self.pos + self.rank * self.batch_size
         batch = self.order[lo:lo + self.batch_size]
-        self.pos += step
+        self.pos += micro
         return self.collate(batch, device)
 
     def iter_batches(self, device="cpu", max_batches=None):

@@ -58,38 +58,15 @@ def install_float32_newtonschulz() -> None:
     _muon_module._zeropower_via_newtonschulz = _zeropower
 
 
-def split_params(model: torch.nn.Module) -> tuple[list, list, list]:
-    """(block matrices for Muon, other matrices for AdamW with decay, 1-D tensors without).
-    Block matrices are the 2-D weights of attention and MLP inside transformer.h; the token and
-    position embeddings and lm_head are outside the blocks, so they go to AdamW."""
-    block_ids = {id(p) for p in model.transformer.h.parameters()}
-    muon, adam_decay, adam_no_decay = [], [], []
-    for p in model.parameters():  # a tied matrix is listed once
-        if not p.requires_grad:
-            continue
-        if p.dim() == 2 and id(p) in block_ids:
-            muon.append(p)
-        elif p.dim() >= 2:
-            adam_decay.append(p)
-        else:
-            adam_no_decay.append(p)
-    return muon, adam_decay, adam_no_decay
-
-
-def make_muon_optimizers(model: torch.nn.Module, cfg, device_type: str) -> list[torch.optim.Optimizer]:
-    """[Muon over the block matrices, AdamW over the rest]; train.py steps and checkpoints both.
+def make_muon(params: list, cfg) -> torch.optim.Optimizer:
+    """torch.optim.Muon over the block matrices (train.param_groups decides which they are);
+    train.py steps and checkpoints it beside the AdamW that takes the rest.
 
     adjust_lr_fn="original" (Keller Jordan's sqrt(max(1, rows / cols)) scaling) keeps muon_lr in
     Muon's own units: 0.02 is the rate tuned for it in the Muon post and modded-nanogpt, and it
     stays independent of learning_rate. "match_rms_adamw" (0.2 sqrt(max(rows, cols))) would make
     muon_lr an AdamW-sized rate instead; we keep the two rates separate so each can be tuned."""
     install_float32_newtonschulz()
-    muon_params, adam_decay, adam_no_decay = split_params(model)
     # torch.optim.Muon's decay is decoupled and scaled by lr: p *= 1 - muon_lr * weight_decay
-    muon = torch.optim.Muon(muon_params, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+    return torch.optim.Muon(params, lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                             weight_decay=cfg.weight_decay, nesterov=True, adjust_lr_fn="original")
-    groups = [{"params": adam_decay, "weight_decay": cfg.weight_decay},
-              {"params": adam_no_decay, "weight_decay": 0.0}]
-    adamw = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                              fused=device_type == "cuda")
-    return [muon, adamw]

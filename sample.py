@@ -15,38 +15,42 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import ConfigError, cli, load_config, load_model, pick_device, setup_runtime
+from common import ConfigError, atomic_write, cli, load_config, load_model, setup_runtime
+from model import check_settings, setting
 from tokenizer import (END_OF_TURN, ROLE_TOKENS, StreamDecoder, fit_conversation, from_meta,
                        render_conversation)
 
 
 @dataclass
 class SampleConfig:
-    out_dir: str = "weight/shakespeare_char_cpu"
+    out_dir: str = "weight/shakespeare_char_cpu"  # a run folder (best.pt, else ckpt.pt) or a .pt file
     start: str = "\n"  # the prompt, or FILE:path to read it from a file
-    num_samples: int = 1
-    max_new_tokens: int = 200
-    temperature: float = 0.8  # 0: greedy
-    top_k: int = 200  # 0: off
-    top_p: float = 1.0
+    num_samples: int = setting(1, lo=1)
+    max_new_tokens: int = setting(200, lo=1)
+    temperature: float = setting(0.8, lo=0.0)  # 0: greedy
+    top_k: int = setting(200, lo=0)  # 0: off
+    top_p: float = setting(1.0, above=0.0, hi=1.0)  # nucleus: the smallest set holding this mass
     seed: int = 1337
-    block_size: int = 0  # 0: the checkpoint's; smaller limits the context
+    block_size: int = setting(0, lo=0)  # 0: the checkpoint's; smaller limits the context
     use_cache: bool = True
     device: str = "auto"
-    dtype: str = "auto"
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))
     # chat
     chat: bool = False
     system: str = ""
     # classification
     classify: bool = False
-    split: str = "val"
+    split: str = setting("val", choices=("train", "val"))
     jsonl: str = ""  # classify the examples of this JSONL file instead of a split
-    batch_size: int = 64
+    batch_size: int = setting(64, lo=1)
+
+    def __post_init__(self):
+        check_settings(self)
 
 
 def load(cfg: SampleConfig):
     """(model, tokenizer, checkpoint, runtime) for cfg.out_dir."""
-    run = setup_runtime(pick_device(cfg.device), cfg.dtype)
+    run = setup_runtime(cfg.device, cfg.dtype)
     model, ckpt = load_model(cfg.out_dir, run.device)
     trained = model.config.block_size
     if cfg.block_size > trained:
@@ -149,6 +153,9 @@ def chat(cfg: SampleConfig) -> None:
     block = model.config.block_size
     # keep room for the reply: at most half the context, and no more than max_new_tokens
     budget = block - min(cfg.max_new_tokens, block // 2)
+    if budget < 4:  # <|user|> one token <|end|> <|assistant|>
+        raise ConfigError(f"block_size = {block} leaves {budget} tokens for the prompt; a chat turn "
+                          "needs at least 4. Use a larger --block_size (or leave it at 0)", "block_size")
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
     history = []  # the turns after the system turn
     out = sys.stdout if interactive else OneLine(sys.stdout)
@@ -174,6 +181,9 @@ def chat(cfg: SampleConfig) -> None:
             print(CHAT_HELP)
             continue
         if not text:
+            continue
+        if not tok.encode(text):
+            print("(this model's tokenizer knows no character of that message; nothing was sent)")
             continue
         history, ids = fit_history(tok, system, history + [{"role": "user", "content": text}], budget)
         try:
@@ -211,7 +221,7 @@ def classify(cfg: SampleConfig) -> dict:
     print_report(result)
     path = os.path.join(cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir),
                         "cls_eval.json")
-    with open(path, "w") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}")
     return result

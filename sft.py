@@ -10,8 +10,10 @@ Batches are whole conversations, right-padded, with only assistant tokens (and t
 as targets, so the val loss is a loss on answers. When the chat tokens are new to the checkpoint,
 the token embedding (and an untied head) grows to take them; new rows start at the mean of the
 trained rows. The architecture comes from the checkpoint (dropout may change).
-Re-running the same command continues an interrupted run exactly (resume = auto: out_dir holds a
-ckpt.pt of the same init_from and dataset); --resume=never starts over, --resume=always insists.
+Re-running the same command continues an interrupted run exactly (init_from = auto: out_dir
+holds a ckpt.pt of the same base and dataset); --init_from=scratch starts over from the base,
+--init_from=resume insists on continuing. The keys mean what they mean in train.py; the
+pretrained run is `base`.
 """
 import dataclasses
 import os
@@ -20,20 +22,24 @@ from dataclasses import dataclass
 
 import torch
 
-from common import ConfigError, cli, load_checkpoint, load_config, print0, setup_runtime
+from checkpoint import gpt_config, load_checkpoint, weights_path
+from common import ConfigError, cli, load_config, print0, setup_runtime
 from data import dataset_dir
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, setting
 from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation
-from train import TrainConfig, make_loaders, model_config_for, prepare_run, resume_state, train
+from train import (TRAINING_ONLY, TrainConfig, make_loaders, model_config_for, prepare_run,
+                   resume_state, train)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
-    init_from: str = ""  # the pretrained run folder, weight/<run> (or a ckpt.pt path)
+    # Fields re-declared here change the default; the valid values stay those of TrainConfig.
+    base: str = ""  # the pretrained run folder, weight/<run> (or a .pt path)
     dataset: str = ""  # the SFT dataset, data/<name> from prepare/sft.py
-    resume: str = "auto"  # auto: continue out_dir's SFT run if it has a ckpt.pt | never | always
-    epochs: float = 1.0  # passes over the train conversations (used when max_iters = 0)
-    max_iters: int = 0  # 0: epochs * train examples // (batch_size * gradient_accumulation_steps)
+    # auto: continue out_dir's SFT run if it has a ckpt.pt, else start from base | resume | scratch
+    init_from: str = setting("auto", choices=("auto", "resume", "scratch"))
+    epochs: float = setting(1.0, above=0.0)  # passes over the train conversations (when max_iters = 0)
+    max_iters: int = setting(0, lo=0)  # 0: epochs * train examples // examples per iteration
     batch_size: int = 8
     learning_rate: float = 5e-5
     min_lr: float = 5e-6
@@ -42,12 +48,7 @@ class SFTConfig(TrainConfig):
     eval_interval: int = 50
     eval_iters: int = 50
     sample_prompts: str = ""  # "|"-separated user turns; greedy replies are logged at each eval
-    sample_max_new_tokens: int = 64
-
-
-# Keys that change training, not the network: these may differ from the pretrained checkpoint.
-TRAINING_ONLY = ("dropout", "attn_impl")
-RESUME_MODES = {"auto": "auto", "always": "resume", "never": "scratch"}  # -> train's init_from
+    sample_max_new_tokens: int = setting(64, lo=1)
 
 
 def describe(meta: dict) -> str:
@@ -90,11 +91,11 @@ def sft_model_config(cfg: SFTConfig, saved: dict, vocab_size: int) -> GPTConfig:
         mine = getattr(cfg, f.name)
         want = max(saved[f.name], vocab_size) if f.name == "vocab_size" else saved[f.name]
         if mine != getattr(defaults, f.name) and mine != want:
-            raise ConfigError(f"{f.name} = {mine!r}, but the pretrained checkpoint {cfg.init_from} "
+            raise ConfigError(f"{f.name} = {mine!r}, but the pretrained checkpoint {cfg.base} "
                               f"has {f.name} = {want!r}; the architecture comes from the "
                               f"checkpoint (only {', '.join(TRAINING_ONLY)} may change). Remove the key.")
         setattr(cfg, f.name, want)
-    return GPTConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(GPTConfig)})
+    return gpt_config(cfg)
 
 
 def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:
@@ -145,39 +146,39 @@ def sample_replies(prompts: list[str], tok, cfg: SFTConfig, run):
 def start_model(cfg: SFTConfig, run, model_cfg: GPTConfig, pretrained: dict, new_ids: range):
     """(model, state): out_dir's SFT checkpoint and its state when resuming, else the pretrained
     model with its vocabulary grown and no state."""
-    state = resume_state(dataclasses.replace(cfg, init_from=RESUME_MODES[cfg.resume]), run, model_cfg)
+    state = resume_state(cfg, run, model_cfg)
     if state is not None:
         was = state["train_config"]
-        if (was.get("init_from"), was.get("dataset")) != (cfg.init_from, cfg.dataset):
-            raise ConfigError(f"{cfg.out_dir} holds an SFT run of {was.get('init_from')} on "
-                              f"{was.get('dataset')}, not of {cfg.init_from} on {cfg.dataset}; "
-                              "pick another out_dir, or --resume=never to start it over")
+        if was.get("base") != cfg.base:
+            raise ConfigError(f"{cfg.out_dir} holds an SFT run of {was.get('base')}, not of "
+                              f"{cfg.base}; pick another out_dir, or --init_from=scratch to start it over")
         model = GPT(model_cfg)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.pop("model"))
         print0(f"resuming {cfg.out_dir}/ckpt.pt at iter {state['iter_num']} of {cfg.max_iters}")
         return model, state
-    model = GPT(dataclasses.replace(model_cfg, vocab_size=pretrained["model_config"]["vocab_size"]))
+    model = GPT(gpt_config(model_cfg, vocab_size=pretrained["model_config"]["vocab_size"]))
     model.load_state_dict(pretrained["model"])
-    print0(f"from {cfg.init_from} (iter {pretrained.get('iter_num')}); "
+    print0(f"from {cfg.base} (iter {pretrained.get('iter_num')}); "
            f"new token ids {list(new_ids) or 'none'}, vocab_size {model_cfg.vocab_size}")
     return grow_vocab(model, model_cfg.vocab_size, new_ids), None
 
 
 def main(argv=None) -> dict:
     cfg = load_config(SFTConfig, sys.argv[1:] if argv is None else argv)
-    if not cfg.init_from or not cfg.dataset:
-        raise ConfigError("sft.py needs init_from (the pretrained run folder, weight/<run>) and "
+    if not cfg.base or not cfg.dataset:
+        raise ConfigError("sft.py needs base (the pretrained run folder, weight/<run>) and "
                           "dataset (the SFT data from prepare/sft.py)")
-    if cfg.resume not in RESUME_MODES:
-        raise ConfigError(f"resume = {cfg.resume!r}: choose auto, always or never")
     run = setup_runtime(cfg.device, cfg.dtype)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
     if not os.path.exists(os.path.join(data_dir, "train.mask.bin")):
         raise ConfigError(f"{data_dir} has no loss masks: it is not an SFT dataset. Make one with "
                           f"python prepare/sft.py --input FILE --name NAME --base data/<pretrain>")
-    pretrained = load_checkpoint(cfg.init_from, map_location="cpu")
-    new_ids = check_tokenizer(pretrained["tokenizer"], meta, cfg.init_from, data_dir,
+    if cfg.out_dir and os.path.abspath(cfg.out_dir) == os.path.abspath(cfg.base):
+        raise ConfigError(f"out_dir = {cfg.out_dir} is the base run itself; SFT writes a new run: "
+                          "give another out_dir (e.g. weight/sft_<name>)", "out_dir")
+    pretrained = load_checkpoint(weights_path(cfg.base))
+    new_ids = check_tokenizer(pretrained["tokenizer"], meta, cfg.base, data_dir,
                               pretrained.get("train_config", {}).get("dataset", "<pretrain-name>"))
     padded = model_config_for(dataclasses.replace(cfg, vocab_size=0), meta).vocab_size  # train.py's rule
     model_cfg = sft_model_config(cfg, pretrained["model_config"], padded)

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import (ConfigError, Logger, Runtime, StopSignal, any_rank, cli, config_dict, gather,
-                    load_checkpoint, load_config, peak_flops, print0, save_checkpoint, setup_runtime,
-                    subset, sync_device)
-from data import Examples, TokenWindows, dataset_dir, is_example_dataset
-from model import GPT, GPTConfig
+from checkpoint import CheckpointError, gpt_config, load_checkpoint, save_checkpoint, weights_path
+from common import (ConfigError, Logger, Runtime, StopSignal, all_reduce_sum, atomic_write, cli,
+                    config_dict, load_config, peak_flops, print0, setup_runtime)
+from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
+from model import GPT, GPTConfig, setting
 from tokenizer import load_meta
 
 
@@ -34,43 +34,51 @@ class TrainConfig(GPTConfig):
     # data and run folder
     dataset: str = "shakespeare_char"  # data/<dataset>/
     out_dir: str = ""  # default: weight/<dataset>
-    init_from: str = "scratch"  # scratch | resume | auto (resume if out_dir has a checkpoint)
-    vocab_size: int = 0  # 0: from the dataset's meta.json
-    batch_size: int = 12  # per process, per micro-step
-    gradient_accumulation_steps: int = 1  # global: divided by the number of processes
-    prompt_loss_weight: float = 0.0  # example datasets: loss weight of tokens that are not targets
+    # scratch | resume (out_dir's ckpt.pt) | auto (resume if there is one, else scratch) |
+    # weight/<run> (a new run starting from that run's weights)
+    init_from: str = "scratch"
+    vocab_size: int = setting(0, lo=0, hi=65536)  # 0: from the dataset's meta.json
+    batch_size: int = setting(12, lo=1)  # per process, per micro-step
+    gradient_accumulation_steps: int = setting(1, lo=1)  # global: divided among the processes
+    prompt_loss_weight: float = setting(0.0, lo=0.0, hi=1.0)  # example datasets: weight of non-targets
     # optimizer and schedule
-    optimizer: str = "adamw"  # adamw | muon (Muon on hidden matrices, AdamW on the rest)
-    learning_rate: float = 6e-4
-    muon_lr: float = 0.02
-    muon_momentum: float = 0.95
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0: off
-    max_iters: int = 5000
+    optimizer: str = setting("adamw", choices=("adamw", "muon"))  # muon: Muon on hidden matrices
+    learning_rate: float = setting(6e-4, above=0.0)
+    muon_lr: float = setting(0.02, above=0.0)
+    muon_momentum: float = setting(0.95, lo=0.0, below=1.0)
+    weight_decay: float = setting(0.1, lo=0.0)
+    beta1: float = setting(0.9, lo=0.0, below=1.0)
+    beta2: float = setting(0.95, lo=0.0, below=1.0)
+    grad_clip: float = setting(1.0, lo=0.0)  # 0: off
+    max_iters: int = setting(5000, lo=1)
     decay_lr: bool = True
-    lr_schedule: str = "cosine"  # cosine | wsd (warmup, stable, then linear decay)
-    warmup_iters: int = 100
-    lr_decay_iters: int = 0  # 0: max_iters
-    cooldown_frac: float = 0.3  # wsd: the last fraction of lr_decay_iters decays linearly
-    min_lr: float = 6e-5
+    lr_schedule: str = setting("cosine", choices=("cosine", "wsd"))  # wsd: warmup, stable, linear decay
+    warmup_iters: int = setting(100, lo=0)
+    lr_decay_iters: int = setting(0, lo=0)  # 0: max_iters
+    cooldown_frac: float = setting(0.3, lo=0.0, hi=1.0)  # wsd: the last fraction decays linearly
+    min_lr: float = setting(6e-5, lo=0.0)  # at most learning_rate
     # evaluation, logging, checkpoints
-    eval_interval: int = 250
-    eval_iters: int = 200
+    eval_interval: int = setting(250, lo=1)
+    eval_iters: int = setting(200, lo=1)  # global, like gradient_accumulation_steps
     eval_only: bool = False
-    log_interval: int = 10
-    always_save_checkpoint: bool = True
-    target_val_loss: float = 0.0  # >0: stop at the first eval at or below it
-    max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    log_interval: int = setting(10, lo=1)
+    always_save_checkpoint: bool = True  # ckpt.pt at every eval (else at the end); best.pt always
+    target_val_loss: float = setting(0.0, lo=0.0)  # >0: stop at the first eval at or below it
+    max_nonfinite: int = setting(5, lo=1)  # stop after this many non-finite losses in a row
     wandb_log: bool = False
     wandb_project: str = "danlu"
     wandb_run_name: str = ""
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto (bfloat16 on CUDA, else float32) | float32 | bfloat16 | float16
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: bf16 on CUDA
     compile: bool = False
     seed: int = 1337
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.min_lr > self.learning_rate:
+            raise ConfigError(f"min_lr = {self.min_lr} is above learning_rate = {self.learning_rate}; "
+                              "the schedule decays from learning_rate to min_lr", "min_lr")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -83,25 +91,29 @@ def model_config_for(cfg, meta: dict) -> GPTConfig:
         vocab_size = 64 * math.ceil(v / 64) if v >= 1024 else v
     elif vocab_size < v:
         raise ConfigError(f"vocab_size = {vocab_size} is smaller than the dataset's {v}; leave "
-                          "it at 0 to take the dataset's", key="vocab_size")
-    return subset(GPTConfig, dataclasses.replace(cfg, vocab_size=vocab_size))
+                          "it at 0 to take the dataset's", "vocab_size")
+    return gpt_config(cfg, vocab_size=vocab_size)
 
 
 def make_loaders(cfg, data_dir: str, meta: dict, run: Runtime, vocab_size: int) -> dict:
-    """Train batches for this rank, plus fixed evaluation batches for each split."""
+    """Train batches for this rank, plus fixed evaluation batches for each split. Every stream
+    is a function of (seed, position) shared by all ranks, each rank taking its own slice, so a
+    run resumes on any number of processes without reading a window twice."""
     if is_example_dataset(data_dir):
         def make(split, shuffle, weight):
             return Examples(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, cfg.seed,
-                            run.rank, run.world_size, shuffle, weight)
+                            run.rank, run.world_size, shuffle, weight, whole_only=meta.get("task") == "sft",
+                            accum=max(1, cfg.gradient_accumulation_steps // run.world_size))
         # Evaluation scores the targets alone (answers, class tokens) however much weight the
         # other tokens get in training, so val_loss always means the loss on answers; with
-        # prompt_loss_weight >= 1 every token is a target, in training and in evaluation.
+        # prompt_loss_weight 1 every token is a target, in training and in evaluation.
         eval_weight = 1.0 if cfg.prompt_loss_weight >= 1 else 0.0
         return {"train": make("train", True, cfg.prompt_loss_weight),
                 "eval": {s: make(s, False, eval_weight) for s in ("train", "val")}}
 
     def windows(split, seed):
-        return TokenWindows(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, seed, run.rank)
+        return TokenWindows(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, seed,
+                            run.rank, run.world_size)
     return {"train": windows("train", cfg.seed),
             "eval": {s: windows(s, cfg.seed + 1) for s in ("train", "val")}}
 
@@ -123,90 +135,91 @@ def lr_multiplier(it: int, cfg) -> float:
     return floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (1 - floor)
 
 
+def param_groups(model: GPT) -> tuple[list, list, list]:
+    """(block matrices, other matrices, 1-D tensors): the one place that decides how parameters
+    are optimized. AdamW decays every matrix and nothing 1-D (biases, gains); Muon takes the block
+    matrices (attention and MLP inside transformer.h) and leaves embeddings and the head to
+    AdamW. A tied matrix is listed once; frozen parameters not at all."""
+    in_blocks = {id(p) for p in model.transformer.h.parameters()}
+    blocks, matrices, vectors = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2:
+            vectors.append(p)
+        else:
+            (blocks if id(p) in in_blocks else matrices).append(p)
+    return blocks, matrices, vectors
+
+
 def make_optimizers(cfg, model: GPT, run: Runtime) -> list:
-    betas = (cfg.beta1, cfg.beta2)
-    if cfg.optimizer == "adamw":
-        opts = [model.configure_optimizers(cfg.weight_decay, cfg.learning_rate, betas, run.device_type)]
-    elif cfg.optimizer == "muon":
-        from muon import make_muon_optimizers
-        opts = make_muon_optimizers(model, cfg, run.device_type)
-    else:
-        raise ConfigError(f"optimizer = {cfg.optimizer!r}: choose adamw or muon")
+    blocks, matrices, vectors = param_groups(model)
+    opts = []
+    if cfg.optimizer == "muon":
+        from muon import make_muon
+        opts.append(make_muon(blocks, cfg))
+        blocks = []
+    groups = [{"params": blocks + matrices, "weight_decay": cfg.weight_decay},
+              {"params": vectors, "weight_decay": 0.0}]
+    opts.append(torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                                  fused=run.device_type == "cuda"))
     for opt in opts:  # the schedule scales each group from the rate it started with
         for group in opt.param_groups:
-            group.setdefault("base_lr", group["lr"])
+            group["base_lr"] = group["lr"]
     return opts
 
 
-def rng_state(loader) -> dict:
-    np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python": random.getstate(), "loader": loader.state_dict()}
-
-
-def set_rng_state(state: dict, loader) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np.random.set_state((state["numpy"][0], np.array(state["numpy"][1], dtype=np.uint32), *state["numpy"][2:]))
-    random.setstate(state["python"])
-    loader.load_state_dict(state["loader"])
+def step_seed(seed: int, rank: int, it: int) -> int:
+    """The torch seed of one training step: random numbers (dropout) are a function of (seed,
+    rank, iteration), so a resumed run draws what an uninterrupted one would, on any number of
+    processes, without saving generator states."""
+    return int(np.random.SeedSequence([seed, rank, it]).generate_state(1, np.uint64)[0])
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
 def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
-    """Mean loss over up to eval_iters batches of each split (the same batches every time).
-    eval_iters is global, like gradient_accumulation_steps: each process runs its share."""
+    """Loss per target over up to eval_iters batches of each split (the same batches every
+    time). eval_iters is global, like gradient_accumulation_steps: each process runs its share."""
     out = {}
     n_batches = math.ceil(cfg.eval_iters / run.world_size)
     model.eval()
     for split, loader in loaders.items():
-        total, count = torch.zeros(2, device=run.device), 0
+        total = torch.zeros(2, device=run.device)  # summed loss, target count
         if isinstance(loader, Examples):
             batches = (b for _, b in loader.iter_batches(run.device, n_batches))
-        else:  # reseed so every evaluation sees the same windows
-            loader.rng = np.random.Generator(np.random.PCG64([cfg.seed + 1, run.rank]))
+        else:
+            loader.rewind()  # every evaluation sees the same windows
             batches = (loader.get_batch(run.device) for _ in range(n_batches))
         for x, y, w in batches:
             with run.autocast:
-                _, loss = model(x, y, w, loss_only=isinstance(loader, Examples))
+                _, loss = model(x, y, w, loss_only=isinstance(loader, Examples), reduction="sum")
             n = (y != -1).sum() if w is None else w.sum()
-            total += torch.stack([loss.float() * n, n.float()])
-            count += 1
-        if run.ddp:
-            import torch.distributed as dist
-            dist.all_reduce(total)
-        out[f"{split}_loss"] = (total[0] / total[1].clamp(min=1)).item()
+            total += torch.stack([loss.float(), n.float()])
+        loss_sum, count = all_reduce_sum(total, run).tolist()
+        if count == 0:
+            raise DataError(f"the {split} split has no training targets in its first "
+                            f"{cfg.eval_iters} batches; check the dataset's loss masks")
+        out[f"{split}_loss"] = loss_sum / count
     model.train()
     return out
 
 
 # ----------------------------------------------------------------------------- the loop
 
-class PhaseClock:
-    """tick(name) adds the seconds since the last tick to phases[name], after syncing the device
-    so that queued GPU work lands in the phase that queued it. With phases None it does nothing."""
-
-    def __init__(self, phases: dict | None, device: str):
-        self.phases, self.device, self.t = phases, device, 0.0
-
-    def __call__(self, name: str | None = None) -> None:
-        if self.phases is None:
-            return
-        sync_device(self.device)
-        now = time.perf_counter()
-        if name is not None:
-            self.phases[name] = self.phases.get(name, 0.0) + now - self.t
-        self.t = now
+@dataclass
+class StepResult:
+    loss: float  # mean loss per target over the whole step (all micro-batches, all ranks)
+    grad_norm: float
+    seq_len: int
+    skipped: bool  # the loss or gradient was not finite: no update was made
+    stop: bool  # a process got Ctrl-C / SIGTERM
 
 
 class Trainer:
     """The training loop shared by train.py and sft.py: evaluate, checkpoint, step, log.
-    `state` is a checkpoint to resume from; `extra_eval(model)` adds metrics (val accuracy,
+    `state` is a ckpt.pt to resume from; `extra_eval(model)` adds metrics (val accuracy,
     sample replies) to each evaluation."""
 
     def __init__(self, cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
@@ -215,17 +228,14 @@ class Trainer:
             raise ConfigError(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} must "
                               f"be a multiple of the number of processes ({run.world_size}): it is "
                               "the global count, split across processes (e.g. "
-                              f"--gradient_accumulation_steps={run.world_size})")
+                              f"--gradient_accumulation_steps={run.world_size})", "gradient_accumulation_steps")
         self.cfg, self.run, self.loaders, self.meta, self.extra_eval = cfg, run, loaders, tokenizer_meta, extra_eval
         self.raw_model = model  # what checkpoints hold: no compile or DDP wrapper prefixes
         self.optimizers = make_optimizers(cfg, model, run)
-        self.iter_num, self.best_val_loss, self.elapsed0 = 0, float("inf"), 0.0
+        self.iter_num, self.best_val_loss, self.elapsed0, self.saved_iter = 0, float("inf"), 0.0, None
         if state is not None:
-            for opt, opt_state in zip(self.optimizers, state["optimizer"]):
-                opt.load_state_dict(opt_state)
-            self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
-            self.elapsed0 = state.get("elapsed_s", 0.0)
-            set_rng_state(state["rng"][run.rank], loaders["train"])
+            self.restore(state)
+        self.start_iter, self.evaluated = self.iter_num, None
         if cfg.compile:
             model = torch.compile(model)
         if run.ddp:
@@ -234,6 +244,10 @@ class Trainer:
         self.model = model
         self.accum = cfg.gradient_accumulation_steps // run.world_size
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
+        # Each micro-batch's loss is a sum over its targets; backward runs on sum / norm, a
+        # constant, and step() rescales the gradients to sum / (targets in the whole step) once
+        # the count is known. For token windows the factor is exactly 1.
+        self.norm = self.accum * cfg.batch_size * cfg.block_size
         self.peak = peak_flops(run.device, run.dtype)
         self.nonfinite, self.tokens_since = 0, 0
         # example datasets (SFT, classification): the head runs only where a target counts
@@ -242,18 +256,63 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed0 + time.time() - self.start_time
 
-    def checkpoint(self) -> None:
-        rng = gather(rng_state(self.loaders["train"]), self.run)  # every rank's, for exact resume
+    # ------------------------------------------------------------------ checkpoints
+
+    def restore(self, state: dict) -> None:
+        """Continue from a ckpt.pt: optimizer moments, GradScaler, iteration, data position.
+        Hyperparameters come from this run's config, not the checkpoint's: a changed
+        learning_rate or weight_decay on resume takes effect (and config.json says so)."""
+        for opt, saved in zip(self.optimizers, state["optimizer"]):
+            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+            opt.load_state_dict(saved)
+            for group, settings in zip(opt.param_groups, fresh):
+                group.update(settings)
+        if state.get("scaler"):
+            self.run.scaler.load_state_dict(state["scaler"])
+        self.iter_num, self.best_val_loss = state["iter_num"], state["best_val_loss"]
+        self.elapsed0, self.saved_iter = state.get("elapsed_s", 0.0), state["iter_num"]
+        if state.get("loader") is not None:
+            self.loaders["train"].load_state_dict(state["loader"])
+        else:
+            print0("note: this checkpoint was written by an older danlu and holds no data "
+                   "position; batches after the resume are drawn from the start of the stream")
+
+    def weights_finite(self) -> bool:
+        return bool(torch.stack([p.detach().isfinite().all() for p in self.raw_model.parameters()]).all())
+
+    def save(self, best: bool = False) -> None:
+        """ckpt.pt (the whole training state) or best.pt (the weights of the best evaluation);
+        rank 0 writes. Weights that are not finite are never saved: training stops instead."""
+        if not self.weights_finite():
+            kept = (f"{self.cfg.out_dir}/ckpt.pt from iter {self.saved_iter} is kept"
+                    if self.saved_iter is not None else "no checkpoint was written")
+            raise RuntimeError(f"the weights became non-finite by iter {self.iter_num} (an update "
+                               f"blew up); nothing was saved and {kept}. Lower learning_rate "
+                               "(or raise warmup_iters) and train again.")
+        if not self.run.master:
+            return
+        ckpt = {"model": self.raw_model.state_dict(), "model_config": config_dict(self.raw_model.config),
+                "train_config": config_dict(self.cfg), "tokenizer": self.meta, "iter_num": self.iter_num,
+                "best_val_loss": self.best_val_loss}
+        if not best:
+            ckpt.update(optimizer=[opt.state_dict() for opt in self.optimizers],
+                        scaler=self.run.scaler.state_dict(), loader=self.loaders["train"].state_dict(),
+                        elapsed_s=self.elapsed(), world_size=self.run.world_size)
+        save_checkpoint(os.path.join(self.cfg.out_dir, "best.pt" if best else "ckpt.pt"), ckpt)
+        if not best:
+            self.saved_iter = self.iter_num
+
+    def write_config(self) -> None:
+        """config.json: the resolved config, written once every check has passed."""
         if self.run.master:
-            opt_states = [opt.state_dict() for opt in self.optimizers]
-            save_checkpoint(os.path.join(self.cfg.out_dir, "ckpt.pt"), {
-                "model": self.raw_model.state_dict(), "model_config": config_dict(self.raw_model.config),
-                "train_config": config_dict(self.cfg), "tokenizer": self.meta, "optimizer": opt_states,
-                "iter_num": self.iter_num, "best_val_loss": self.best_val_loss, "rng": rng,
-                "elapsed_s": self.elapsed()})
+            with atomic_write(os.path.join(self.cfg.out_dir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config_dict(self.cfg), f, indent=1, ensure_ascii=False)
+
+    # ------------------------------------------------------------------ evaluation
 
     def evaluate(self) -> bool:
-        """Log val (and train) loss and extra metrics, checkpoint; True when the target is met."""
+        """Log val (and train) loss and extra metrics; save best.pt when val improves and
+        ckpt.pt per the policy (checkpoint.py). True when the target is met."""
         cfg, it = self.cfg, self.iter_num
         metrics = estimate_loss(self.raw_model, self.loaders["eval"], cfg, self.run)
         if self.extra_eval is not None:
@@ -263,10 +322,17 @@ class Trainer:
         self.logger.log({"iter": it, "elapsed_s": round(self.elapsed(), 3), **metrics,
                          "val_ppl": math.exp(min(val, 50))}, f"eval {it}: {shown} ({self.elapsed():.1f}s)")
         self.logger.plot(cfg.out_dir)
-        improved = val < self.best_val_loss
-        self.best_val_loss = min(self.best_val_loss, val)
-        if it > 0 and (improved or cfg.always_save_checkpoint) and not cfg.eval_only:
-            self.checkpoint()
+        if not math.isfinite(val):
+            self.save()  # raises: a non-finite val loss means non-finite weights or activations
+            raise RuntimeError(f"val loss is {val} at iter {it} with finite weights: the model "
+                               "overflows. Lower learning_rate, or use float32 / bfloat16.")
+        trained = it > self.start_iter or (it > 0 and self.saved_iter is None)
+        if trained and not cfg.eval_only:
+            if val < self.best_val_loss:
+                self.best_val_loss = val
+                self.save(best=True)
+            if cfg.always_save_checkpoint:
+                self.save()
         if cfg.target_val_loss > 0 and val <= cfg.target_val_loss:
             self.logger.log({"iter": it, "elapsed_s": round(self.elapsed(), 3), "event": "target_reached",
                              "val_loss": val}, f"reached val loss {val:.4f} <= {cfg.target_val_loss} "
@@ -274,107 +340,122 @@ class Trainer:
             return True
         return False
 
-    def step(self, phases: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        """One optimizer step over `accum` micro-batches: (loss, grad norm, seq len), or None when
-        the loss was not finite and the step was skipped. With `phases` (bench.py), the seconds
-        spent on data, forward, backward and optimizer are added to it; each boundary then syncs
-        the device, so leave it None when speed matters."""
-        run, mult = self.run, lr_multiplier(self.iter_num, self.cfg)
-        tick = PhaseClock(phases, run.device)
+    # ------------------------------------------------------------------ one step
+
+    def step(self, stop: bool = False) -> StepResult:
+        """One optimizer step over `accum` micro-batches on every process. The loss is the mean
+        over every target of the step (all micro-batches, all ranks), so an SFT batch with a
+        3-token answer weighs as much per token as one with 300, and batch 8 x 1 equals 4 x 2
+        equals 2 processes x 4. One collective carries the loss, the target count and the stop
+        flag; one host sync reads them with the gradient norm."""
+        run, cfg = self.run, self.cfg
+        torch.manual_seed(step_seed(cfg.seed, run.rank, self.iter_num))
+        mult = lr_multiplier(self.iter_num, cfg)
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
         loss_sum = torch.zeros((), device=run.device)
+        count = torch.zeros((), device=run.device)
         for micro in range(self.accum):
-            tick()
             x, y, w = self.loaders["train"].get_batch(run.device)
             self.tokens_since += x.numel() * run.world_size
-            tick("data")
+            count += (y != -1).sum() if w is None else w.sum()
             # DDP: average gradients across processes on the last micro-step only
             last = micro == self.accum - 1
             with nullcontext() if not run.ddp or last else self.model.no_sync():
                 with run.autocast:
-                    loss = self.model(x, y, w, loss_only=self.loss_only)[1] / self.accum
-                tick("forward")
-                run.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            tick("backward")
+                    loss = self.model(x, y, w, loss_only=self.loss_only, reduction="sum")[1]
+                run.scaler.scale(loss / self.norm).backward()
+            loss_sum += loss.detach().float()
+        flag = torch.tensor(float(stop), device=run.device)
+        loss_sum, count, flag = all_reduce_sum(torch.stack([loss_sum, count, flag]), run)
         for opt in self.optimizers:
             run.scaler.unscale_(opt)
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        # DDP averaged sum / norm over the ranks: scale to sum / count over the whole step
+        grads = [p.grad for p in self.params if p.grad is not None]
+        torch._foreach_mul_(grads, run.world_size * self.norm / count.clamp(min=1))
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        # fp16's GradScaler skips overflowing steps by itself; otherwise a non-finite norm is bad
-        bad = not math.isfinite(loss_sum.item()) or (run.dtype != "float16" and not math.isfinite(grad_norm.item()))
-        skip = any_rank(bad, run)  # every rank skips together, or none does
-        if not skip:
+        loss, grad_norm, n, stop = torch.stack([loss_sum / count.clamp(min=1), grad_norm.float(),
+                                                count, flag]).tolist()
+        # fp16's GradScaler skips overflowing steps by itself; otherwise a non-finite norm is bad.
+        # Every rank holds the same reduced loss and gradients, so all agree on skipping.
+        skipped = not math.isfinite(loss) or (run.dtype != "float16" and not math.isfinite(grad_norm))
+        if not skipped and n > 0:  # a step without targets changes nothing
             for opt in self.optimizers:
                 run.scaler.step(opt)
         run.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        tick("optimizer")
-        return None if skip else (loss_sum, grad_norm, x.size(1))
+        return StepResult(loss, grad_norm, x.size(1), skipped, stop > 0)
 
     def skipped(self) -> None:
-        """Log a skipped step; after max_nonfinite in a row, stop with the last checkpoint kept."""
+        """Log a skipped step; after max_nonfinite in a row, stop and say what is on disk."""
         self.nonfinite += 1
         self.logger.log({"iter": self.iter_num, "elapsed_s": round(self.elapsed(), 3),
                          "event": "nonfinite_loss"}, f"iter {self.iter_num}: non-finite loss, step skipped")
         if self.nonfinite >= self.cfg.max_nonfinite:
+            kept = (f"{self.cfg.out_dir}/ckpt.pt from iter {self.saved_iter} is kept"
+                    if self.saved_iter is not None else "no checkpoint was written")
             raise RuntimeError(f"{self.nonfinite} non-finite losses in a row at iter {self.iter_num}: "
-                               f"training stopped. The last good checkpoint in {self.cfg.out_dir} is "
-                               "kept; lower learning_rate or check the data.")
+                               f"training stopped; {kept}. Lower learning_rate or check the data.")
 
-    def log_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, seq_len: int) -> None:
+    def log_step(self, result: StepResult) -> None:
         dt = time.time() - self.t_last
         tok_s = self.tokens_since / dt
-        mfu = tok_s * self.raw_model.flops_per_token(seq_len) / self.peak if self.peak else 0.0
-        record = {"iter": self.iter_num, "elapsed_s": round(self.elapsed(), 3), "train_loss": loss.item(),
-                  "lr": self.optimizers[0].param_groups[0]["lr"], "tok_per_s": round(tok_s, 1),
-                  "mfu": round(mfu, 4), "grad_norm": round(grad_norm.item(), 4)}
+        achieved = tok_s * self.raw_model.flops_per_token(result.seq_len)
+        self.peak = max(self.peak, achieved)  # the model beat the matmul timing: that is the peak
+        record = {"iter": self.iter_num, "elapsed_s": round(self.elapsed(), 3), "train_loss": result.loss,
+                  "lr": self.optimizers[-1].param_groups[0]["lr"], "tok_per_s": round(tok_s, 1),
+                  "mfu": round(achieved / self.peak, 4), "grad_norm": round(result.grad_norm, 4)}
         bar = self.logger.bar
         self.logger.log(record, None if bar is not None and not bar.disable else
-                        f"iter {self.iter_num}: loss {record['train_loss']:.4f}, {tok_s:,.0f} tok/s, "
-                        f"mfu {100 * mfu:.1f}%")
+                        f"iter {self.iter_num}: loss {result.loss:.4f}, {tok_s:,.0f} tok/s, "
+                        f"mfu {100 * record['mfu']:.1f}%")
         if bar is not None:
-            bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
         self.t_last, self.tokens_since = time.time(), 0
 
     def fit(self) -> dict:
         """Train to max_iters (or the target, or a signal). Returns a summary: iterations, best
         val loss, elapsed seconds, why it stopped, the last evaluation."""
         cfg = self.cfg
+        self.write_config()
         self.logger = Logger(cfg, self.run, self.iter_num, cfg.max_iters)
-        stop, stopped = StopSignal(), "max_iters"
+        signals, stopped = StopSignal(), "max_iters"
         self.start_time = self.t_last = time.time()
         try:
             while True:
-                if self.iter_num % cfg.eval_interval == 0 or self.iter_num >= cfg.max_iters or cfg.eval_only:
+                it = self.iter_num
+                due = it % cfg.eval_interval == 0 or it >= cfg.max_iters or cfg.eval_only
+                if due and it != self.evaluated:  # a skipped step does not evaluate twice
+                    self.evaluated = it
                     if self.evaluate():
                         stopped = "target_val_loss"
                         break
-                if self.iter_num >= cfg.max_iters or cfg.eval_only:
+                    self.t_last, self.tokens_since = time.time(), 0  # tok/s counts training only
+                if it >= cfg.max_iters or cfg.eval_only:
                     break
-                result = self.step()
-                if result is None:
+                result = self.step(stop=signals.raised is not None)
+                if result.skipped:
                     self.skipped()
-                    continue
-                self.nonfinite = 0
-                self.iter_num += 1
-                if self.logger.bar is not None:
-                    self.logger.bar.update(1)
-                if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters:
-                    self.log_step(*result)
-                if any_rank(stop.raised is not None, self.run):
+                else:
+                    self.nonfinite = 0
+                    self.iter_num += 1
+                    if self.logger.bar is not None:
+                        self.logger.bar.update(1)
+                    if self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters:
+                        self.log_step(result)
+                if result.stop:
                     stopped = "signal"
                     break
-            if not cfg.eval_only:
-                self.checkpoint()  # always at the end: every finished run can be sampled and resumed
+            if not cfg.eval_only and self.saved_iter != self.iter_num and self.iter_num > self.start_iter:
+                self.save()  # always at the end: every finished run can be sampled and resumed
         finally:
-            stop.restore()
+            signals.restore()
             self.logger.close()
         if stopped == "signal":
-            print0(f"\nstopped by {stop.raised or 'a signal on another rank'} after iter {self.iter_num}; "
+            print0(f"\nstopped by {signals.raised or 'a signal on another rank'} after iter {self.iter_num}; "
                    f"checkpoint saved to {cfg.out_dir}/ckpt.pt. To resume, run the same command again "
                    "(train.py: with --init_from=resume or auto; sft.py resumes by itself)")
         last_eval = next((r for r in reversed(self.logger.records) if "val_loss" in r), None)
@@ -390,42 +471,73 @@ def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
 
 # ----------------------------------------------------------------------------- entry point
 
+# Keys that change training, not the network: these may differ on resume and from a base.
+TRAINING_ONLY = ("dropout", "attn_impl")
+
+
 def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
-    """The checkpoint to resume from, or None for a fresh start (init_from scratch/resume/auto)."""
+    """out_dir's ckpt.pt to continue, or None for a fresh start (init_from scratch / auto
+    without a checkpoint / another run's weights)."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
-    if cfg.init_from == "scratch":
-        return None
     if cfg.init_from not in ("resume", "auto"):
-        raise ConfigError(f"init_from = {cfg.init_from!r}: choose scratch, resume or auto")
+        return None
     if not os.path.exists(path):
         if cfg.init_from == "auto":
             return None
         raise ConfigError(f"init_from = 'resume' but {path} does not exist; start with "
-                          "--init_from=scratch (or auto)")
-    state = load_checkpoint(path, map_location=run.device)
+                          "--init_from=scratch (or auto)", "init_from")
+    state = load_checkpoint(path)
+    if "optimizer" not in state:
+        raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be "
+                              f"resumed; start a new run from it with --init_from={cfg.out_dir} "
+                              "and another out_dir")
     saved = state["model_config"]
-    diff = {k: (saved.get(k), v) for k, v in config_dict(model_cfg).items() if saved.get(k) != v}
+    diff = {k: (saved.get(k), v) for k, v in config_dict(model_cfg).items()
+            if saved.get(k) != v and k not in TRAINING_ONLY}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"{path} was trained with a different model config ({shown}); use "
                           "the same config to resume, or another out_dir")
-    if len(state["rng"]) != run.world_size:
-        print0(f"note: the checkpoint was written by {len(state['rng'])} processes and this run "
-               f"has {run.world_size}; data order will differ from an uninterrupted run")
-        state["rng"] = [state["rng"][r % len(state["rng"])] for r in range(run.world_size)]
+    was = state["train_config"].get("dataset")
+    if was != cfg.dataset:
+        raise ConfigError(f"{path} was trained on dataset {was!r}, not {cfg.dataset!r}; resume "
+                          f"continues the same run. To train its weights on other data, start a new "
+                          f"run: --init_from={cfg.out_dir} --out_dir=<another folder>", "dataset")
+    if state.get("world_size", run.world_size) != run.world_size:
+        print0(f"note: the checkpoint was written by {state['world_size']} processes and this run "
+               f"has {run.world_size}; each step reads the same windows, split differently")
     return state
 
 
+def init_weights(cfg, model_cfg: GPTConfig) -> GPT:
+    """A fresh model, or (init_from = another run's folder or ckpt.pt) that run's weights,
+    whose architecture must match this config's."""
+    model = GPT(model_cfg)
+    if cfg.init_from in ("scratch", "resume", "auto"):
+        return model
+    if not os.path.exists(cfg.init_from):
+        raise ConfigError(f"init_from = {cfg.init_from!r}: choose scratch, resume, auto, or the "
+                          "path of a run folder (weight/<run>) to start from its weights", "init_from")
+    source = load_checkpoint(weights_path(cfg.init_from))
+    want = gpt_config(source["model_config"], **{k: getattr(model_cfg, k) for k in TRAINING_ONLY})
+    if want != model_cfg:
+        diff = {k: (getattr(want, k), getattr(model_cfg, k)) for k in config_dict(want)
+                if getattr(want, k) != getattr(model_cfg, k)}
+        shown = ", ".join(f"{k}: {cfg.init_from} has {a!r}, config {b!r}" for k, (a, b) in diff.items())
+        raise ConfigError(f"init_from = {cfg.init_from}: a different architecture ({shown}); set "
+                          "the same model keys in the config")
+    model.load_state_dict(source["model"])
+    print0(f"starting from the weights of {cfg.init_from} (iter {source.get('iter_num')})")
+    return model
+
+
 def prepare_run(cfg, run: Runtime) -> None:
-    """Resolve the run folder, print the config, save config.json, seed every RNG."""
+    """Resolve the run folder, print the config, seed every RNG (the same initial weights on
+    every rank; training steps reseed per rank, see step_seed)."""
     if not cfg.out_dir:
         cfg.out_dir = os.path.join("weight", os.path.basename(cfg.dataset.rstrip("/")))
     print0("config:", json.dumps(config_dict(cfg), indent=None))
-    if run.master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
-            json.dump(config_dict(cfg), f, indent=1)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
@@ -438,9 +550,9 @@ def main(argv=None) -> dict:
     meta = load_meta(data_dir)
     model_cfg = model_config_for(cfg, meta)
     state = resume_state(cfg, run, model_cfg)
-    model = GPT(model_cfg)
+    model = init_weights(cfg, model_cfg)
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.pop("model"))  # no second copy of the weights for the run
         print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
     model.to(run.device)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, device {run.device}, dtype {run.dtype}")
@@ -451,7 +563,7 @@ def main(argv=None) -> dict:
         extra_eval = accuracy_eval(loaders["eval"]["val"], meta, run)
     summary = train(cfg, run, model, loaders, meta, state, extra_eval)
     print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
-           f"{summary['elapsed_s']:.1f}s; checkpoint in {cfg.out_dir}/ckpt.pt")
+           f"{summary['elapsed_s']:.1f}s; checkpoints in {cfg.out_dir}/ (ckpt.pt latest, best.pt best val)")
     return summary
 
 

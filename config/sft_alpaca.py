@@ -16,7 +16,7 @@
 #   - any OpenAI-style {"messages": [...]} or ShareGPT {"conversations": [{"from", "value"}]} file.
 # For a real base (a 124M-size danlu pretrain, block_size 1024): prepare with --max_length 1025,
 # then learning_rate 3e-5..1e-4, batch_size 32 (or gradient_accumulation_steps), epochs 2-3.
-init_from = "weight/shakespeare_gpt2_cpu"  # the pretrained run folder
+base = "weight/shakespeare_gpt2_cpu"  # the pretrained run folder
 dataset = "alpaca"  # data/alpaca from prepare/sft.py, on the base's tokenizer
 out_dir = "weight/sft_alpaca"
 device = "auto"

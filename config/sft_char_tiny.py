@@ -3,7 +3,7 @@
 # pretrain a 2-layer char model into weight/char_tiny, then run
 #   python sft.py config/sft_char_tiny.py
 # About ten seconds on a CPU. For a real instruction set see config/sft_alpaca.py.
-init_from = "weight/char_tiny"
+base = "weight/char_tiny"
 dataset = "sft_char_tiny"
 out_dir = "weight/sft_char_tiny"
 device = "cpu"

@@ -32,6 +32,17 @@ def write_char_dataset(folder: str, text: str, n_val: int):
     return tok
 
 
+def run_script(script: str, *args: str, check: bool = True, timeout: float = 300):
+    """python <repo>/<script> args... in a new process, in the current folder, as a user runs
+    it; with check, a non-zero exit fails the test with the script's stderr."""
+    import subprocess
+    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True,
+                       text=True, timeout=timeout)
+    if check:
+        assert r.returncode == 0, f"{script} {' '.join(args)} exited {r.returncode}:\n{r.stderr[-3000:]}"
+    return r
+
+
 def shared_path(*parts) -> str:
     """A file under ../shared, or skip the test when it is not there."""
     path = os.path.join(SHARED, *parts)

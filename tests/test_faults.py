@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-import common
+import checkpoint
 import train
-from common import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from conftest import ROOT
 from test_train import TINY, make_char_dataset, read_log
 
@@ -59,14 +59,14 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tiny_data):
 SLOW_SAVE = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
-import common
-common.save_checkpoint({path!r}, {{"model": {{"w": torch.ones(3)}}, "model_config": {{}}}})
+import checkpoint
+checkpoint.save_checkpoint({path!r}, {{"model": {{"w": torch.ones(3)}}, "model_config": {{}}}})
 def slow_save(obj, f):
     f.write(b"x" * 4096); f.flush()
     print("saving", flush=True)
     time.sleep(60)
-common.torch.save = slow_save
-common.save_checkpoint({path!r}, {{"model": {{"w": torch.zeros(3)}}, "model_config": {{}}}})
+checkpoint.torch.save = slow_save
+checkpoint.save_checkpoint({path!r}, {{"model": {{"w": torch.zeros(3)}}, "model_config": {{}}}})
 """
 
 
@@ -87,8 +87,8 @@ def test_disk_full_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch)
     def full_disk(obj, f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
-    monkeypatch.setattr(common.torch, "save", full_disk)
-    with pytest.raises(CheckpointError, match="No space left.*previous checkpoint there is untouched"):
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match="No space left.*previous file there is untouched"):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "model_config": {}})
     assert os.listdir(tmp_path) == ["ckpt.pt"]  # no temp file left behind
     monkeypatch.undo()
@@ -120,8 +120,8 @@ class NaNOnSteps(train.GPT):
     bad_calls: set = set()
     calls = 0
 
-    def forward(self, idx, targets=None, weights=None, loss_only=False):
-        logits, loss = super().forward(idx, targets, weights, loss_only)
+    def forward(self, idx, targets=None, weights=None, loss_only=False, reduction="mean"):
+        logits, loss = super().forward(idx, targets, weights, loss_only, reduction)
         if self.training and targets is not None:
             NaNOnSteps.calls += 1
             if NaNOnSteps.calls in NaNOnSteps.bad_calls:
@@ -139,6 +139,6 @@ def test_nonfinite_loss_skips_step_then_stops(tiny_data, monkeypatch):
     assert all(torch.isfinite(v).all() for v in load_checkpoint("weight/a")["model"].values())
 
     NaNOnSteps.calls, NaNOnSteps.bad_calls = 0, set(range(4, 100))
-    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at iter 3.*last good checkpoint"):
+    with pytest.raises(RuntimeError, match=r"3 non-finite losses in a row at iter 3.*ckpt.pt from iter 2 is kept"):
         train.main(TINY + ["--max_iters=50", "--eval_interval=2", "--out_dir=weight/b", "--max_nonfinite=3"])
     assert load_checkpoint("weight/b")["iter_num"] == 2

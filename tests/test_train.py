@@ -54,7 +54,7 @@ def test_short_run_writes_checkpoint_log_and_config(tiny_data):
     assert all({"iter", "elapsed_s"} <= set(r) for r in log)
     assert {"train_loss", "lr", "tok_per_s", "mfu"} <= set(log[1])
     ckpt = torch.load("weight/a/ckpt.pt", weights_only=True)
-    assert ckpt["iter_num"] == 20 and ckpt["format_version"] == 1
+    assert ckpt["iter_num"] == 20 and ckpt["format_version"] == 2
     assert ckpt["tokenizer"]["kind"] == "char" and ckpt["train_config"]["max_iters"] == 20
     assert json.load(open("weight/a/config.json"))["n_layer"] == 2
 
@@ -66,39 +66,6 @@ def test_save_load_identical_logits(tiny_data):
     x = torch.randint(0, model.config.vocab_size, (2, 32))
     assert torch.equal(model(x)[0], again(x)[0])
     assert not any(k.startswith("_orig_mod") or k.startswith("module.") for k in ckpt["model"])
-
-
-def test_resume_continues_exact_loss_sequence(tiny_data):
-    """N iters + resume N more == 2N uninterrupted: same losses, same weights, bit for bit."""
-    common = TINY + ["--dropout=0.1", "--eval_interval=5", "--lr_decay_iters=20"]
-    train.main(common + ["--max_iters=20", "--out_dir=weight/full"])
-    train.main(common + ["--max_iters=10", "--out_dir=weight/split"])
-    train.main(common + ["--max_iters=20", "--out_dir=weight/split", "--init_from=resume"])
-    assert step_losses("weight/split") == step_losses("weight/full")
-    assert len(step_losses("weight/full")) == 20
-    a = torch.load("weight/full/ckpt.pt", weights_only=True)["model"]
-    b = torch.load("weight/split/ckpt.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_gradient_accumulation_matches_bigger_batch(tiny_data):
-    """Two micro-batches of 2 give the same update as one batch of 4 holding the same rows."""
-    from data import TokenWindows
-    loader = TokenWindows("data/tiny", "train", 32, 4, 65, seed=1)
-    x, y, _ = loader.get_batch()
-    cfg = load_config(train.TrainConfig, TINY)
-    models = []
-    for split in (False, True):
-        torch.manual_seed(0)
-        model = train.GPT(train.model_config_for(cfg, {"vocab_size": 65}))
-        opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
-        parts = [(x[:2], y[:2]), (x[2:], y[2:])] if split else [(x, y)]
-        for xb, yb in parts:
-            (model(xb, yb)[1] / len(parts)).backward()
-        opt.step()
-        models.append(model)
-    for p, q in zip(models[0].parameters(), models[1].parameters()):
-        assert torch.allclose(p, q, atol=1e-6)
 
 
 def test_lr_schedule_shapes():
