@@ -1,0 +1,756 @@
+"""
+Serve danlu checkpoints over HTTP: an OpenAI-compatible API, and a page (serve.html) to chat,
+compare two models on the same prompt, and draw a digit for a classifier to read.
+
+    python serve.py --out_dir=weight/sft_alpaca [--out_dir=weight/tiny_cls] [--host=127.0.0.1 --port=8000]
+
+GET / (the page), GET /health, GET /v1/models, POST /v1/chat/completions (chat models),
+POST /v1/completions (any text model), POST /v1/classify (tiny_cls classifiers). Completions
+stream over server-sent events with "stream": true. One worker thread runs every model and takes
+turns one token at a time between the requests in flight: each reply starts without waiting for
+the others to end, and each has its own KV cache and random generator, so a reply is the same
+alone or beside seven others, and the same request with the same seed gives the same reply.
+"""
+import asyncio
+import base64
+import binascii
+import collections
+import hmac
+import io
+import json
+import os
+import queue
+import resource
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common import ConfigError, cli, load_config
+from model import check_settings, setting
+from tokenizer import CHAT_TOKENS, StreamDecoder
+
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
+
+
+@dataclass
+class ServeConfig:
+    out_dir: str = "weight/tiny_cls"  # a run folder; repeat --out_dir=... to serve several
+    host: str = "127.0.0.1"  # 0.0.0.0 opens the server to the network
+    port: int = setting(8000, lo=0, hi=65535)  # 0: any free port (printed at start)
+    api_key: str = ""  # empty: no key; else requests need "Authorization: Bearer <key>" (or set DANLU_API_KEY)
+    device: str = "auto"
+    dtype: str = "auto"
+    max_tokens: int = setting(512, lo=1)  # the most a request may ask for (and what it gets by default)
+    max_messages: int = setting(64, lo=1)
+    max_request_bytes: int = setting(1_000_000, lo=1024)
+    max_in_flight: int = setting(32, lo=1)  # requests generating or waiting; more get 429
+
+    def __post_init__(self):
+        check_settings(self)
+
+
+def split_out_dirs(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(every --out_dir value in order, the other arguments). --out_dir may repeat, which
+    load_config's one-value-per-key rule does not allow, so it is taken out first."""
+    out_dirs, rest, args = [], [], list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.startswith("--out_dir="):
+            out_dirs.append(arg.split("=", 1)[1])
+        elif arg == "--out_dir" and args:
+            out_dirs.append(args.pop(0))
+        else:
+            rest.append(arg)
+    return out_dirs, rest
+
+
+# ----------------------------------------------------------------------------- models
+
+@dataclass
+class Served:
+    """One loaded checkpoint and what the API needs to know about it."""
+    name: str
+    out_dir: str
+    model: torch.nn.Module
+    tok: object
+    meta: dict
+    run: object
+    kind: str  # "chat", "text" or "classifier"
+    created: int  # the checkpoint's mtime, for /v1/models
+    train_config: dict
+
+
+def model_kind(meta: dict) -> str:
+    if meta.get("task") == "classify":
+        return "classifier"
+    return "chat" if all(t in meta.get("special_tokens", {}) for t in CHAT_TOKENS) else "text"
+
+
+def load_served(out_dirs: list[str], cfg: ServeConfig) -> dict[str, Served]:
+    """{name: Served}; a model is named by its folder (the whole path when two folders share it)."""
+    from sample import SampleConfig, load
+    served = {}
+    for out_dir in out_dirs:
+        model, tok, ckpt, run = load(SampleConfig(out_dir=out_dir, device=cfg.device, dtype=cfg.dtype))
+        name = os.path.basename(os.path.normpath(out_dir))
+        if name in served:
+            name = out_dir
+        if name in served:
+            raise ConfigError(f"--out_dir={out_dir} is given twice")
+        path = out_dir if os.path.isfile(out_dir) else os.path.join(out_dir, "ckpt.pt")
+        created = int(os.path.getmtime(path)) if os.path.exists(path) else int(time.time())
+        served[name] = Served(name, out_dir, model, tok, ckpt["tokenizer"], run,
+                              model_kind(ckpt["tokenizer"]), created, ckpt.get("train_config", {}))
+    return served
+
+
+# ----------------------------------------------------------------------------- the worker
+
+class Job:
+    """One request's work: `steps` is an iterator the worker advances one item per turn; each
+    item goes to `out`, an asyncio queue on the server's event loop."""
+
+    def __init__(self, steps, loop):
+        self.steps = steps
+        self.loop = loop
+        self.out = asyncio.Queue()
+        self.cancelled = False  # set when the client goes away; the worker drops the job
+
+    def put(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: the server is shutting down
+            self.cancelled = True
+
+
+FINISHED = object()  # the last item of every job
+
+
+class Worker:
+    """The one thread that runs the models. Requests take turns a step (one token) each, round
+    robin: a short reply is not stuck behind a long one, and no two requests share a tensor."""
+
+    def __init__(self, max_in_flight: int):
+        self.max_in_flight = max_in_flight
+        self.incoming = queue.Queue()
+        self.in_flight = 0
+        self.lock = threading.Lock()
+        threading.Thread(target=self._loop, name="danlu-worker", daemon=True).start()
+
+    def submit(self, job: Job) -> None:
+        with self.lock:
+            if self.in_flight >= self.max_in_flight:
+                raise ApiError(429, f"the server is busy ({self.in_flight} requests in flight, "
+                                    f"max_in_flight {self.max_in_flight}); retry in a moment")
+            self.in_flight += 1
+        self.incoming.put(job)
+
+    def _loop(self) -> None:
+        jobs = collections.deque()
+        while True:
+            if not jobs:
+                jobs.append(self.incoming.get())  # idle: sleep until a request comes
+            while not self.incoming.empty():
+                jobs.append(self.incoming.get_nowait())
+            job = jobs.popleft()
+            try:
+                item = FINISHED if job.cancelled else next(job.steps, FINISHED)
+            except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving
+                item = e
+            if item is FINISHED or isinstance(item, Exception):
+                job.steps.close()
+                with self.lock:
+                    self.in_flight -= 1
+                if isinstance(item, Exception):
+                    job.put(item)
+                job.put(FINISHED)
+            else:
+                job.put(item)
+                jobs.append(job)
+
+
+# ----------------------------------------------------------------------------- generation
+
+class StopStrings:
+    """Cuts streamed text at the first of a request's stop strings. Text that could be the
+    start of a stop string waits until the next piece settles it, so none is ever sent."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text that is safe to send, whether a stop string was found)."""
+        text = self.held + text
+        found = [text.find(s) for s in self.stops if s in text]
+        if found:
+            self.held = ""
+            return text[:min(found)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+@dataclass
+class Finish:
+    reason: str  # "stop" (a stop token or string) or "length" (max_tokens)
+    completion_tokens: int
+    first_token_at: float = 0.0  # time.perf_counter() on the worker: when the first token was made
+    ended_at: float = 0.0
+
+
+def generate_steps(s: Served, ids: list[int], req, stop_tokens: list[int]):
+    """Yield the text each new token completes (one item per token, maybe ""), then a Finish.
+    Runs on the worker thread; closing the iterator stops the generation."""
+    x = torch.tensor([ids], dtype=torch.long, device=s.run.device)
+    generator = torch.Generator(device=s.run.device).manual_seed(req.seed)
+    tokens = s.model.generate_stream(x, req.max_tokens, req.temperature, req.top_k or None,
+                                     req.top_p, stop_tokens, True, generator)
+    decoder, stops = StreamDecoder(s.tok), StopStrings(req.stop_list())
+    n, reason, first = 0, "length", None
+    while True:
+        with s.run.autocast:
+            t = next(tokens, None)
+        if t is None:
+            break
+        n, t, first = n + 1, int(t[0]), first or time.perf_counter()
+        if t in stop_tokens:
+            reason = "stop"
+            break
+        text, hit = stops.feed(decoder.feed(t))
+        yield text
+        if hit:
+            yield Finish("stop", n, first, time.perf_counter())
+            return
+    text, hit = stops.feed(decoder.flush())
+    yield text + ("" if hit else stops.flush())
+    yield Finish("stop" if hit else reason, n, first or time.perf_counter(), time.perf_counter())
+
+
+def classify_steps(s: Served, ids: list[int]):
+    """One item: the class probabilities at the <CLS> position of ids."""
+    from classify import class_probs, class_token_ids
+    x = torch.tensor([ids], dtype=torch.long, device=s.run.device)
+    with s.run.autocast:
+        probs = class_probs(s.model, x, s.meta["special_tokens"][s.meta["cls_token"]],
+                            class_token_ids(s.meta))
+    yield probs[0].float().cpu().tolist()
+
+
+# ----------------------------------------------------------------------------- requests
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Strict(BaseModel):
+    # strict: "0.5" is not a number and 1 is not a string; forbid: a misspelt field is an error
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class Sampling(Strict):
+    """The fields both completion endpoints share (OpenAI's names, plus top_k)."""
+    model: str | None = None  # optional here: the first model that fits
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens
+    temperature: float = Field(1.0, ge=0.0, le=2.0)  # 0: greedy
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0)  # 0: off
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2 ** 63 - 1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=1)
+    user: str | None = None
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatRequest(Sampling):
+    messages: list[Message] = Field(min_length=1)
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str]
+
+
+class ClassifyRequest(Strict):
+    model: str | None = None
+    image: str | None = None  # a PNG, base64 (a data: URL is fine)
+    tokens: list[int] | list[str] | None = None  # token ids or names: <IMG> <Z_..> ... [</IMG> <CLS>]
+
+
+def validation_message(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "body"
+    return f"{where}: {err['msg']}"
+
+
+# ----------------------------------------------------------------------------- images
+
+# How far the ink's bounding box reaches across the image in each training set: the UCI
+# digits were scaled to fill their 32x32 box (then pooled to 8x8); MNIST fits each digit
+# in 20 of 28 pixels.
+INK_FILL = {(8, 8): 1.0, (28, 28): 20 / 28}
+
+
+def decode_png(text: str) -> np.ndarray:
+    """A base64 PNG (or data: URL) -> ink in [0, 1], (H, W). Dark strokes on a light or
+    transparent ground are ink; when the border is dark (MNIST style), the light strokes are."""
+    from PIL import Image, UnidentifiedImageError
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    try:
+        img = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+    except (binascii.Error, ValueError):
+        raise ApiError(400, "image: not valid base64") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, "image: not a PNG file") from None
+    if img.format != "PNG":
+        raise ApiError(400, f"image: a {img.format} file; send a PNG")
+    if img.width * img.height > 4096 * 4096:
+        raise ApiError(413, f"image: {img.width}x{img.height} is too large (at most 4096x4096)")
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0  # (H, W, 4)
+    light = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    light = light * rgba[..., 3] + (1.0 - rgba[..., 3])  # transparent is the (white) ground
+    ink = 1.0 - light
+    border = np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])
+    return 1.0 - ink if border.mean() > 0.5 else ink
+
+
+def fit_ink(ink: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Crop ink to its bounding box, centre it in a square sized as the training images were,
+    and average it down to shape: (h, w) in [0, 1]. A blank image stays blank."""
+    from PIL import Image
+    rows, cols = np.nonzero(ink > 0.1)
+    if len(rows) == 0:
+        return np.zeros(shape, dtype=np.float32)
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    side = int(np.ceil(max(crop.shape) / INK_FILL.get(tuple(shape), 1.0)))
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
+    small = Image.fromarray(square, mode="F").resize((shape[1], shape[0]), Image.Resampling.BOX)
+    return np.clip(np.asarray(small), 0.0, 1.0)
+
+
+def image_codebook(s: Served) -> dict:
+    """The codebook that turns this classifier's images into tokens (a k-means codebook's
+    centroids live beside its dataset, not in the checkpoint)."""
+    from prepare.codebook import load_codebook
+    book = dict(s.meta.get("codebook") or {})
+    if book.get("kind") in (None, "none"):
+        raise ApiError(400, f"{s.name} was trained on tokenized JSONL, not images: send tokens")
+    if book["kind"] == "kmeans":
+        path = os.path.join(str(s.train_config.get("dataset", "")), book.get("file") or "codebook.npz")
+        path = path if os.path.exists(path) else os.path.join("data", path)
+        if not os.path.exists(path):
+            raise ApiError(400, f"{s.name}: its k-means codebook ({path}) is not on this machine; "
+                                "send tokens, or run prepare/tiny_cls.py for its dataset")
+        book = load_codebook(path)
+    return book
+
+
+def image_ids(s: Served, text: str) -> tuple[list[int], list[list[int]]]:
+    """(token ids <IMG> codes </IMG> <CLS>, the grid the model saw, in levels of max_value)."""
+    from prepare.codebook import encode_images
+    book = image_codebook(s)
+    shape = tuple(book["image_shape"])
+    pixels = np.rint(fit_ink(decode_png(text), shape) * book["max_value"])
+    codes = encode_images(pixels[None], book)[0]
+    first = s.tok.stoi["<Z_000>"]
+    return wrap_codes(s, [first + int(c) for c in codes]), pixels.astype(int).tolist()
+
+
+def token_ids(s: Served, tokens: list) -> list[int]:
+    """Ids or names of an image's tokens -> <IMG> codes </IMG> <CLS>, as training saw them."""
+    from prepare.tiny_cls import split_image
+    names = s.tok.tokens
+    for i, t in enumerate(tokens):
+        if isinstance(t, int) and not 0 <= t < len(names):
+            raise ApiError(400, f"tokens.{i}: id {t} is outside this vocabulary (0..{len(names) - 1})")
+        if isinstance(t, str) and t not in s.tok.stoi:
+            raise ApiError(400, f"tokens.{i}: {t!r} is not in this vocabulary")
+    words, _ = split_image([names[t] if isinstance(t, int) else t for t in tokens])
+    if not words:
+        raise ApiError(400, "tokens: no image tokens before the </IMG> <CLS> tail")
+    return wrap_codes(s, [s.tok.stoi[w] for w in words])
+
+
+def wrap_codes(s: Served, codes: list[int]) -> list[int]:
+    from prepare.tiny_cls import CLS, END_IMG, IMG
+    ids = [s.tok.stoi[IMG]] + codes + [s.tok.stoi[END_IMG], s.tok.stoi[CLS]]
+    if len(ids) > s.model.config.block_size:
+        raise ApiError(400, f"tokens: {len(ids)} tokens with the markers; {s.name} reads at most "
+                            f"{s.model.config.block_size}")
+    return ids
+
+
+# ----------------------------------------------------------------------------- the app
+
+def memory() -> dict:
+    """Resident memory of this process (and CUDA's allocator), in MB."""
+    out = {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    try:
+        with open("/proc/self/statm") as f:
+            out["rss_mb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+    except OSError:
+        pass  # not Linux: the peak from getrusage has to do
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_allocated_mb"] = torch.cuda.memory_allocated() / 2 ** 20
+        out["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return {k: round(v, 1) for k, v in out.items()}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class Completion:
+    """One completion request's response, in OpenAI's chat or text shape, whole or streamed."""
+
+    def __init__(self, job: Job, request, req: Sampling, s: Served, prompt_tokens: int, chat: bool,
+                 t0: float):
+        self.job, self.request, self.req, self.s, self.chat = job, request, req, s, chat
+        self.prompt_tokens = prompt_tokens
+        self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
+                     "object": "chat.completion" if chat else "text_completion",
+                     "created": int(time.time()), "model": s.name}
+        self.t0 = t0  # when the request came in: time to first token counts the queue
+
+    def choice(self, text: str | None, reason: str | None) -> dict:
+        if self.chat:
+            return {"index": 0, "delta": {} if text is None else {"content": text}, "finish_reason": reason}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+
+    def usage(self, n: int) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n,
+                "total_tokens": self.prompt_tokens + n}
+
+    async def items(self):
+        """Text pieces, then a Finish (logged: one line per request)."""
+        async for item in job_items(self.job, self.request):
+            if isinstance(item, Finish):
+                self.log(item)
+            yield item
+
+    def log(self, f: Finish) -> None:
+        # tokens after the first, over the time after the first: the decoding rate
+        rate = (f.completion_tokens - 1) / max(f.ended_at - f.first_token_at, 1e-9)
+        print(f"{self.s.name}: {self.prompt_tokens} + {f.completion_tokens} tokens, first token "
+              f"{1000 * (f.first_token_at - self.t0):.0f} ms, {rate:.0f} tok/s, {f.reason}", flush=True)
+
+    async def whole(self) -> dict:
+        pieces, finish = [], Finish("stop", 0)
+        async for item in self.items():
+            if isinstance(item, Finish):
+                finish = item
+            else:
+                pieces.append(item)
+        text = "".join(pieces)
+        body = {"index": 0, "finish_reason": finish.reason}
+        body.update({"message": {"role": "assistant", "content": text}} if self.chat
+                    else {"text": text, "logprobs": None})
+        return {**self.head, "choices": [body], "usage": self.usage(finish.completion_tokens)}
+
+    async def events(self):
+        """Server-sent events: a chunk per piece of text, one with the finish reason, the usage
+        chunk when stream_options asks for it, then [DONE]."""
+        chunk = {**self.head, "object": "chat.completion.chunk" if self.chat else "text_completion"}
+        if self.chat:
+            yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                             "finish_reason": None}]})
+        try:
+            async for item in self.items():
+                if isinstance(item, Finish):
+                    yield sse({**chunk, "choices": [self.choice(None, item.reason)]})
+                    if self.req.stream_options and self.req.stream_options.include_usage:
+                        yield sse({**chunk, "choices": [], "usage": self.usage(item.completion_tokens)})
+                elif item:
+                    yield sse({**chunk, "choices": [self.choice(item, None)]})
+        except ApiError as e:  # the 200 status line has gone out: the error travels as an event
+            yield sse({"error": {"message": e.message, "type": "server_error"}})
+        yield "data: [DONE]\n\n"
+
+
+async def job_items(job: Job, request):
+    """The job's items as the worker makes them; the job is cancelled if the client leaves."""
+    getter = None  # one pending get at a time: cancelling a get that won an item would lose it
+    try:
+        while True:
+            getter = getter or asyncio.ensure_future(job.out.get())
+            done, _ = await asyncio.wait({getter}, timeout=1.0)
+            if not done:  # nothing yet (queued behind others?): notice a client that left
+                if await request.is_disconnected():
+                    return
+                continue
+            item, getter = getter.result(), None
+            if item is FINISHED:
+                return
+            if isinstance(item, Exception):
+                raise ApiError(500, f"generation failed: {type(item).__name__}: {item}")
+            yield item
+    finally:
+        job.cancelled = True  # also when a closed connection cancels the response stream
+        if getter is not None:
+            getter.cancel()
+
+
+def make_app(served: dict[str, Served], cfg: ServeConfig):
+    from fastapi import FastAPI, Request
+    from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+    app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
+    worker = Worker(cfg.max_in_flight)
+    api_key = cfg.api_key or os.environ.get("DANLU_API_KEY", "")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, e: ApiError):
+        kind = "invalid_request_error" if e.status < 500 else "server_error"
+        return JSONResponse({"error": {"message": e.message, "type": kind, "param": None,
+                                       "code": e.status}}, status_code=e.status)
+
+    def authorize(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
+
+    async def read_request(request: Request, schema):
+        """The body as a `schema` object, after the key and size checks."""
+        authorize(request)
+        limit = cfg.max_request_bytes
+        too_big = ApiError(413, f"the request is larger than max_request_bytes ({limit})")
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise too_big
+        body = bytearray()
+        async for chunk in request.stream():  # counted as it arrives: a chunked body is bounded too
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+        try:
+            obj = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not valid JSON ({e})") from None
+        if not isinstance(obj, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        try:
+            return schema.model_validate(obj)
+        except ValidationError as e:
+            raise ApiError(400, validation_message(e)) from None
+
+    def pick(name: str | None, kinds: tuple) -> Served:
+        """The requested model (or the first that fits), if it does this kind of work."""
+        wanted = " or ".join(kinds)
+        if name is None:
+            fits = [s for s in served.values() if s.kind in kinds]
+            if not fits:
+                raise ApiError(400, f"no {wanted} model is served here")
+            return fits[0]
+        if name not in served:
+            raise ApiError(404, f"model {name!r} is not served here; try one of {sorted(served)}")
+        if served[name].kind not in kinds:
+            raise ApiError(400, f"{name} is a {served[name].kind} model; this endpoint needs a {wanted} model")
+        return served[name]
+
+    def check_sampling(req: Sampling) -> None:
+        """Fill in max_tokens and seed, and hold them to the server's limits."""
+        asked = req.max_tokens or req.max_completion_tokens
+        if asked is not None and asked > cfg.max_tokens:
+            raise ApiError(400, f"max_tokens: {asked} is more than this server allows ({cfg.max_tokens})")
+        req.max_tokens = asked or cfg.max_tokens
+        if len(req.stop_list()) > 4:
+            raise ApiError(400, "stop: at most 4 stop strings")
+        if req.seed is None:
+            req.seed = secrets.randbits(63)
+
+    def submit(steps) -> Job:
+        job = Job(steps, asyncio.get_running_loop())
+        worker.submit(job)  # before any response starts, so a busy server can still say 429
+        return job
+
+    async def respond(request, req: Sampling, s: Served, ids: list[int], stop_tokens, chat: bool):
+        t0 = time.perf_counter()
+        job = submit(generate_steps(s, ids, req, stop_tokens))
+        done = Completion(job, request, req, s, len(ids), chat, t0)
+        if req.stream:
+            return StreamingResponse(done.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return await done.whole()
+
+    @app.get("/")
+    async def page():
+        return FileResponse(PAGE, media_type="text/html")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": list(served), "in_flight": worker.in_flight,
+                "device": next(iter(served.values())).run.device, "auth": bool(api_key),
+                "memory": memory()}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [model_card(s, cfg) for s in served.values()]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await read_request(request, ChatRequest)
+        s = pick(req.model, ("chat",))
+        if len(req.messages) > cfg.max_messages:
+            raise ApiError(400, f"messages: {len(req.messages)} messages; at most {cfg.max_messages}")
+        check_sampling(req)
+        ids = chat_prompt(s, [{"role": m.role, "content": m.text()} for m in req.messages], req.max_tokens)
+        stop_tokens = [s.tok.token_id(t) for t in CHAT_TOKENS]  # a new turn ends the reply too
+        return await respond(request, req, s, ids, stop_tokens, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await read_request(request, CompletionRequest)
+        s = pick(req.model, ("text", "chat"))
+        check_sampling(req)
+        eot = s.tok.special_tokens.get("<|endoftext|>")
+        stop_tokens = [] if eot is None else [eot]
+        return await respond(request, req, s, text_prompt(s, req.prompt), stop_tokens, chat=False)
+
+    @app.post("/v1/classify")
+    async def classify(request: Request):
+        req = await read_request(request, ClassifyRequest)
+        s = pick(req.model, ("classifier",))
+        if (req.image is None) == (req.tokens is None):
+            raise ApiError(400, "send exactly one of image (a base64 PNG) and tokens (a token list)")
+        grid = None
+        if req.image is not None:
+            ids, grid = image_ids(s, req.image)
+        else:
+            ids = token_ids(s, req.tokens)
+        probs = [p async for p in job_items(submit(classify_steps(s, ids)), request)][0]
+        k = int(np.argmax(probs))
+        out = {"model": s.name, "class": k, "class_name": class_name(s.meta["class_tokens"][k]),
+               "probabilities": [round(p, 6) for p in probs], "tokens": len(ids)}
+        if grid is not None:
+            out["input"] = grid  # the image as the model saw it, for the page's preview
+        return out
+
+    return app
+
+
+def model_card(s: Served, cfg: ServeConfig) -> dict:
+    """An entry of GET /v1/models: OpenAI's fields, then what the page needs to know."""
+    card = {"id": s.name, "object": "model", "created": s.created, "owned_by": "danlu",
+            "kind": s.kind, "context": s.model.config.block_size,
+            "parameters": s.model.num_params(non_embedding=False), "max_tokens": cfg.max_tokens}
+    if s.kind == "classifier":
+        card["classes"] = [class_name(t) for t in s.meta["class_tokens"]]
+    return card
+
+
+def class_name(token: str) -> str:
+    """<CLS_3> -> "3"."""
+    return token[len("<CLS_"):-1] if token.startswith("<CLS_") else token
+
+
+def chat_prompt(s: Served, messages: list[dict], max_tokens: int) -> list[int]:
+    """Prompt ids for messages, trimmed to leave room for the reply exactly as sample.py --chat
+    trims its history: leading system turns stay, the oldest exchanges go first."""
+    from sample import fit_history
+    n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    if n_system == len(messages):
+        raise ApiError(400, "messages: there is nothing after the system prompt to reply to")
+    block = s.model.config.block_size
+    budget = block - min(max_tokens, block // 2)
+    return fit_history(s.tok, messages[:n_system], messages[n_system:], budget)[1]
+
+
+def text_prompt(s: Served, prompt) -> list[int]:
+    """Prompt ids for /v1/completions: the last block_size - 1 tokens of the prompt."""
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise ApiError(400, "prompt: send one prompt per request (a string or a list of one)")
+        prompt = prompt[0]
+    ids = s.tok.encode(prompt)
+    if not ids:
+        if "<|endoftext|>" not in s.tok.special_tokens:
+            raise ApiError(400, "prompt: empty (or no character this model knows)")
+        ids = [s.tok.special_tokens["<|endoftext|>"]]
+    return ids[-(s.model.config.block_size - 1):]
+
+
+# ----------------------------------------------------------------------------- main
+
+def host_warning(host: str, has_key: bool) -> str | None:
+    """A warning when host opens the server to other machines."""
+    if host not in ("0.0.0.0", "::", ""):
+        return None
+    return (f"warning: --host={host} serves every network interface: anyone who can reach this "
+            "machine can use the models" + ("" if has_key else "; set --api_key or DANLU_API_KEY"))
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port") from None
+    sock.listen(2048)  # from now on connections wait in the backlog until uvicorn takes them
+    return sock
+
+
+def main(argv=None) -> None:
+    out_dirs, rest = split_out_dirs(sys.argv[1:] if argv is None else argv)
+    cfg = load_config(ServeConfig, rest + [f"--out_dir={out_dirs[0]}"] if out_dirs else rest)
+    out_dirs = out_dirs or [cfg.out_dir]
+    warning = host_warning(cfg.host, bool(cfg.api_key or os.environ.get("DANLU_API_KEY")))
+    if warning:
+        print(warning, file=sys.stderr)
+    import uvicorn
+    t0 = time.time()
+    served = load_served(out_dirs, cfg)
+    for s in served.values():
+        print(f"{s.name}: {s.kind} model from {s.out_dir}, {s.model.num_params(False) / 1e6:.2f}M "
+              f"parameters, context {s.model.config.block_size}, on {s.run.device}")
+    sock = bind(cfg.host, cfg.port)
+    host, port = sock.getsockname()[:2]
+    print(f"loaded in {time.time() - t0:.1f}s; serving on http://{host}:{port}/", flush=True)
+    server = uvicorn.Server(uvicorn.Config(make_app(served, cfg), log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    cli(main)
