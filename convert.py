@@ -625,6 +625,22 @@ def pretrained_checkpoint(source: str) -> dict:
                        "(config.json + model.safetensors) or a danlu run folder (ckpt.pt)")
 
 
+def tokenizer_meta(source: str) -> dict:
+    """The tokenizer meta of a source, without reading its weights (prepare/text.py
+    --tokenizer=HF_FOLDER: data for continued pretraining of an imported model)."""
+    if source in GPT2_NAMES:
+        source = download_gpt2(source)
+    if is_run(source):
+        return load_checkpoint(weights_path(source))["tokenizer"]
+    if not os.path.isdir(source):
+        raise ConvertError(f"{source}: not a GPT-2 name, a Hugging Face folder or a danlu run folder")
+    hf = {}
+    if os.path.exists(os.path.join(source, "config.json")):
+        with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+    return folder_tokenizer(source, hf)
+
+
 def gpt_config(ckpt: dict) -> GPTConfig:
     known = {f.name for f in dataclasses.fields(GPTConfig)}
     return GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
@@ -683,8 +699,7 @@ def save_hf(config: GPTConfig, state: dict, meta: dict, dest: str, card: str = "
     ids = {"eos_token_id": specials.get(eos), "bos_token_id": specials.get(bos)}
     ids = {k: v for k, v in ids.items() if v is not None}
     hf.update(ids, torch_dtype="float32", use_cache=True, initializer_range=0.02)
-    files = {"config.json": hf, "generation_config.json": {**ids, "pad_token_id": ids.get("eos_token_id"),
-                                                           "max_length": config.block_size},
+    files = {"config.json": hf, "generation_config.json": {**ids, "pad_token_id": ids.get("eos_token_id")},
              **tokenizer_files(meta, config.block_size)}
     os.makedirs(dest, exist_ok=True)
     write_safetensors(os.path.join(dest, "model.safetensors"), tensors)

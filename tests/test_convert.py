@@ -110,6 +110,7 @@ def test_llama_family_import_matches_transformers(tmp_path, variant):
                 torch.nn.init.normal_(p, std=0.1)
     save_hf_model(hf, str(tmp_path))
     config, _, meta = assert_same_model(hf, str(tmp_path))
+    assert convert.tokenizer_meta(str(tmp_path)) == {k: v for k, v in meta.items() if k != "source"}
     assert (config.pos_emb, config.norm, config.mlp) == ("rope", "rmsnorm", "swiglu")
     if variant == "llama_gqa_untied":
         assert config.n_kv_head == 2 and not config.tie_embeddings and config.rope_theta == 500.0

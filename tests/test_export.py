@@ -11,7 +11,7 @@ import export
 from checkpoint import save_checkpoint
 from convert import ConvertError
 from model import GPT, GPTConfig
-from tokenizer import CHAT_TOKENS, END_OF_TURN, CharTokenizer, TiktokenTokenizer, VocabTokenizer, from_meta
+from tokenizer import CHAT_TOKENS, END_OF_TURN, CharTokenizer, TiktokenTokenizer, VocabTokenizer
 
 TEXT = "ROMEO: hear me, 你好 🙂\nJULIET: speak."
 
