@@ -321,7 +321,11 @@ class Logger:
         self.bar = tqdm(total=total_iters, initial=start_iter, dynamic_ncols=True,
                         disable=not sys.stderr.isatty(), desc="train")
         if cfg.wandb_log:
-            import wandb
+            try:
+                import wandb
+            except ImportError:
+                raise ConfigError("wandb_log = True needs the wandb package: pip install wandb "
+                                  "(WANDB_MODE=offline works without a network)", "wandb_log") from None
             self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or None,
                                     config=config_dict(cfg), resume="allow")
 

@@ -194,9 +194,12 @@ class Examples:
         n_tokens = check_tokens(data_dir, split, vocab_size)
         if not os.path.exists(base + ".idx"):
             raise DataError(f"{base}.idx is missing: {data_dir} is not an example dataset")
+        if os.path.getsize(base + ".idx") % 8:
+            raise DataError(f"{base}.idx has {os.path.getsize(base + '.idx')} bytes, not a whole number "
+                            "of 8-byte offsets: it was cut short. Re-run the prepare script")
         self.starts = np.fromfile(base + ".idx", dtype=np.uint64).astype(np.int64)
         self.ends = np.append(self.starts[1:], n_tokens)
-        if len(self.starts) == 0 or np.any(self.ends <= self.starts):
+        if len(self.starts) == 0 or self.starts[0] != 0 or np.any(self.ends <= self.starts):
             raise DataError(f"{base}.idx is empty or not increasing; re-run the prepare script")
         longest = int((self.ends - self.starts).max())
         if whole_only and longest > block_size + 1:

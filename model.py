@@ -51,8 +51,8 @@ def check_settings(cfg) -> None:
         elif m.get("choices") is not None and v not in m["choices"]:
             bad = "choose one of " + ", ".join(map(str, m["choices"]))
         else:
-            limits = [(m.get("lo"), ">=", lambda a, b: a >= b), (m.get("hi"), "<=", lambda a, b: a <= b),
-                      (m.get("above"), ">", lambda a, b: a > b), (m.get("below"), "<", lambda a, b: a < b)]
+            limits = [(m.get("lo"), ">=", lambda a, b: a >= b), (m.get("above"), ">", lambda a, b: a > b),
+                      (m.get("hi"), "<=", lambda a, b: a <= b), (m.get("below"), "<", lambda a, b: a < b)]
             failed = [f"{op} {limit}" for limit, op, ok in limits if limit is not None and not ok(v, limit)]
             if failed:
                 wanted = " and ".join(f"{op} {limit}" for limit, op, _ in limits if limit is not None)

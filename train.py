@@ -284,10 +284,8 @@ class Trainer:
         """ckpt.pt (the whole training state) or best.pt (the weights of the best evaluation);
         rank 0 writes. Weights that are not finite are never saved: training stops instead."""
         if not self.weights_finite():
-            kept = (f"{self.cfg.out_dir}/ckpt.pt from iter {self.saved_iter} is kept"
-                    if self.saved_iter is not None else "no checkpoint was written")
             raise RuntimeError(f"the weights became non-finite by iter {self.iter_num} (an update "
-                               f"blew up); nothing was saved and {kept}. Lower learning_rate "
+                               f"blew up); nothing was saved; {self.kept()}. Lower learning_rate "
                                "(or raise warmup_iters) and train again.")
         if not self.run.master:
             return
@@ -301,6 +299,12 @@ class Trainer:
         save_checkpoint(os.path.join(self.cfg.out_dir, "best.pt" if best else "ckpt.pt"), ckpt)
         if not best:
             self.saved_iter = self.iter_num
+
+    def kept(self) -> str:
+        """What is on disk to go back to, for messages that stop training."""
+        if self.saved_iter is None:
+            return "no checkpoint was written"
+        return f"{self.cfg.out_dir}/ckpt.pt from iter {self.saved_iter} is kept"
 
     def write_config(self) -> None:
         """config.json: the resolved config, written once every check has passed."""
@@ -322,10 +326,11 @@ class Trainer:
         self.logger.log({"iter": it, "elapsed_s": round(self.elapsed(), 3), **metrics,
                          "val_ppl": math.exp(min(val, 50))}, f"eval {it}: {shown} ({self.elapsed():.1f}s)")
         self.logger.plot(cfg.out_dir)
-        if not math.isfinite(val):
-            self.save()  # raises: a non-finite val loss means non-finite weights or activations
-            raise RuntimeError(f"val loss is {val} at iter {it} with finite weights: the model "
-                               "overflows. Lower learning_rate, or use float32 / bfloat16.")
+        if not math.isfinite(val):  # never saved: such weights are no checkpoint to go back to
+            cause = "finite but so large that the model overflows" if self.weights_finite() else "non-finite"
+            raise RuntimeError(f"val loss is {val} at iter {it}: the weights are {cause}. Nothing "
+                               f"was saved; {self.kept()}. Lower learning_rate (or raise "
+                               "warmup_iters) and train again.")
         trained = it > self.start_iter or (it > 0 and self.saved_iter is None)
         if trained and not cfg.eval_only:
             if val < self.best_val_loss:
@@ -395,10 +400,8 @@ class Trainer:
         self.logger.log({"iter": self.iter_num, "elapsed_s": round(self.elapsed(), 3),
                          "event": "nonfinite_loss"}, f"iter {self.iter_num}: non-finite loss, step skipped")
         if self.nonfinite >= self.cfg.max_nonfinite:
-            kept = (f"{self.cfg.out_dir}/ckpt.pt from iter {self.saved_iter} is kept"
-                    if self.saved_iter is not None else "no checkpoint was written")
             raise RuntimeError(f"{self.nonfinite} non-finite losses in a row at iter {self.iter_num}: "
-                               f"training stopped; {kept}. Lower learning_rate or check the data.")
+                               f"training stopped; {self.kept()}. Lower learning_rate or check the data.")
 
     def log_step(self, result: StepResult) -> None:
         dt = time.time() - self.t_last
