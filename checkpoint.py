@@ -131,11 +131,12 @@ def gpt_config(source, **changes):
     return GPTConfig(**{**known, **changes})
 
 
-def load_model(path: str, device: str = "cpu"):
-    """(model in eval mode, checkpoint dict) from a run folder (best.pt, else ckpt.pt) or a
-    checkpoint file."""
+def load_model(source: str, device: str = "cpu"):
+    """(model in eval mode, checkpoint dict) from a run folder (best.pt, else ckpt.pt), a
+    checkpoint file, a Hugging Face folder or a GPT-2 name (convert.py reads those two)."""
+    from convert import pretrained_checkpoint
     from model import GPT
-    ckpt = load_checkpoint(weights_path(path))
+    ckpt = pretrained_checkpoint(source)
     model = GPT(gpt_config(ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

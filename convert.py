@@ -2,7 +2,7 @@
 Weights in and out: Hugging Face folders <-> danlu's (GPTConfig, state dict, tokenizer meta).
 
     load_pretrained("gpt2" | "HF_FOLDER" | "weight/<run>") -> (GPTConfig, state_dict, meta)
-    load_model(source, device)          sample.py: a Hugging Face folder works as a run folder
+    pretrained_checkpoint(source)       checkpoint.load_model: an HF folder works as a run folder
     save_hf(config, state, meta, dest)  export.py: config.json, model.safetensors, tokenizer files
 
 GPT-2 (GPT2LMHeadModel) and the Llama architecture (LlamaForCausalLM; Qwen2ForCausalLM, whose
@@ -20,7 +20,7 @@ import os
 import torch
 from torch import Tensor
 
-from checkpoint import atomic_write, load_checkpoint, weights_path
+from checkpoint import atomic_write, gpt_config, load_checkpoint, weights_path
 from model import GPT, GPTConfig
 from tokenizer import CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, TiktokenTokenizer
 
@@ -621,7 +621,8 @@ def pretrained_checkpoint(source: str) -> dict:
         return load_checkpoint(weights_path(source))
     if is_hf_folder(source):
         return hf_checkpoint(source, source)
-    raise ConvertError(f"{source}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face folder "
+    missing = "" if os.path.exists(source) else " does not exist"
+    raise ConvertError(f"{source}{missing}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face folder "
                        "(config.json + model.safetensors) or a danlu run folder (ckpt.pt)")
 
 
@@ -641,23 +642,10 @@ def tokenizer_meta(source: str) -> dict:
     return folder_tokenizer(source, hf)
 
 
-def gpt_config(ckpt: dict) -> GPTConfig:
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    return GPTConfig(**{k: v for k, v in ckpt["model_config"].items() if k in known})
-
-
 def load_pretrained(source: str) -> tuple[GPTConfig, dict, dict]:
     """(GPTConfig, state dict, tokenizer meta) of a gpt2 name, HF folder or danlu run."""
     ckpt = pretrained_checkpoint(source)
-    return gpt_config(ckpt), ckpt["model"], ckpt["tokenizer"]
-
-
-def load_model(source: str, device: str = "cpu"):
-    """(model in eval mode, checkpoint-shaped dict): common.load_model for any source."""
-    ckpt = pretrained_checkpoint(source)
-    model = GPT(gpt_config(ckpt))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    return gpt_config(ckpt["model_config"]), ckpt["model"], ckpt["tokenizer"]
 
 
 # ----------------------------------------------------------------------------- writing a folder

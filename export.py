@@ -23,7 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from common import ConfigError, cli, load_config
-from convert import ConvertError, gpt_config, hf_architecture, pretrained_checkpoint, save_hf
+from checkpoint import gpt_config
+from convert import ConvertError, hf_architecture, pretrained_checkpoint, save_hf
 from model import GPT, check_settings, setting
 from tokenizer import from_meta
 
@@ -169,7 +170,7 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     ckpt = pretrained_checkpoint(cfg.out_dir)
     from_meta(ckpt["tokenizer"])  # a tokenizer that does not load is an error before writing
-    config = gpt_config(ckpt)
+    config = gpt_config(ckpt["model_config"])
     os.makedirs(cfg.dest, exist_ok=True)
     if cfg.format == "onnx":
         model = GPT(dataclasses.replace(config, dropout=0.0))

@@ -22,19 +22,20 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import gpt_config, load_checkpoint, weights_path
+from checkpoint import gpt_config
 from common import ConfigError, cli, load_config, print0, setup_runtime
+from convert import pretrained_checkpoint
 from data import dataset_dir
 from model import GPT, GPTConfig, setting
-from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation
-from train import (TRAINING_ONLY, TrainConfig, make_loaders, model_config_for, prepare_run,
-                   resume_state, train)
+from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation, same_base
+from train import (TRAINING_ONLY, TrainConfig, grow_vocab, make_loaders, model_config_for,
+                   prepare_run, resume_state, train)
 
 
 @dataclass
 class SFTConfig(TrainConfig):
     # Fields re-declared here change the default; the valid values stay those of TrainConfig.
-    base: str = ""  # the pretrained run folder, weight/<run> (or a .pt path)
+    base: str = ""  # the pretrained model: weight/<run>, a .pt file, a Hugging Face folder or gpt2[-medium|-large|-xl]
     dataset: str = ""  # the SFT dataset, data/<name> from prepare/sft.py
     # auto: continue out_dir's SFT run if it has a ckpt.pt, else start from base | resume | scratch
     init_from: str = setting("auto", choices=("auto", "resume", "scratch"))
@@ -63,15 +64,7 @@ def describe(meta: dict) -> str:
 def check_tokenizer(base: dict, sft: dict, ckpt_path: str, data_dir: str, pretrain_data: str) -> range:
     """Raise unless the SFT data was tokenized with the checkpoint's tokenizer (plus appended
     tokens); return the ids that are new to the checkpoint."""
-    same = base.get("kind") == sft.get("kind") and sft["vocab_size"] >= base["vocab_size"]
-    if same and base["kind"] == "char":
-        same = base["chars"] == sft["chars"]
-    elif same and base["kind"] == "tiktoken":
-        same = base.get("encoding", "gpt2") == sft.get("encoding", "gpt2")
-    elif same and base["kind"] == "vocab":
-        same = sft["tokens"][:len(base["tokens"])] == base["tokens"]
-    specials = sft.get("special_tokens", {})
-    same = same and all(specials.get(k) == v for k, v in base.get("special_tokens", {}).items())
+    same = same_base(base, sft)
     if not same:
         raise ConfigError(
             f"the SFT dataset {data_dir} uses a {describe(sft)}, but the checkpoint {ckpt_path} "
@@ -90,32 +83,15 @@ def sft_model_config(cfg: SFTConfig, saved: dict, vocab_size: int) -> GPTConfig:
             continue
         mine = getattr(cfg, f.name)
         want = max(saved[f.name], vocab_size) if f.name == "vocab_size" else saved[f.name]
+        if f.name == "block_size" and mine != getattr(defaults, f.name) and mine <= want:
+            want = mine  # a shorter context fits the trained positions (1024 for GPT-2, ...)
         if mine != getattr(defaults, f.name) and mine != want:
             raise ConfigError(f"{f.name} = {mine!r}, but the pretrained checkpoint {cfg.base} "
                               f"has {f.name} = {want!r}; the architecture comes from the "
-                              f"checkpoint (only {', '.join(TRAINING_ONLY)} may change). Remove the key.")
+                              f"checkpoint (only {', '.join(TRAINING_ONLY)} and a smaller block_size "
+                              "may change). Remove the key.")
         setattr(cfg, f.name, want)
     return gpt_config(cfg)
-
-
-def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:
-    """The same model with vocab_size rows in wte and lm_head (tied or not). Rows of new_ids
-    (which may include the old padding rows) start at the mean of the trained rows below
-    new_ids.start, so a new token begins as an 'average' token rather than a random one;
-    every other row is kept, so logits of old tokens do not change."""
-    old = model.config.vocab_size
-    if vocab_size <= old and len(new_ids) == 0:
-        return model
-    grown = GPT(dataclasses.replace(model.config, vocab_size=max(old, vocab_size)))
-    state = model.state_dict()
-    for key in ("transformer.wte.weight", "lm_head.weight"):
-        w = state[key]  # (old, C); with tied embeddings both keys hold the same matrix
-        mean = w[:new_ids.start].mean(dim=0)
-        rows = torch.cat([w, mean.expand(grown.config.vocab_size - old, -1)])
-        rows[new_ids.start:new_ids.stop] = mean
-        state[key] = rows
-    grown.load_state_dict(state)
-    return grown
 
 
 def sample_replies(prompts: list[str], tok, cfg: SFTConfig, run):
@@ -157,7 +133,10 @@ def start_model(cfg: SFTConfig, run, model_cfg: GPTConfig, pretrained: dict, new
         print0(f"resuming {cfg.out_dir}/ckpt.pt at iter {state['iter_num']} of {cfg.max_iters}")
         return model, state
     model = GPT(gpt_config(model_cfg, vocab_size=pretrained["model_config"]["vocab_size"]))
-    model.load_state_dict(pretrained["model"])
+    state = pretrained["model"]
+    if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model_cfg.block_size]
+    model.load_state_dict(state)
     print0(f"from {cfg.base} (iter {pretrained.get('iter_num')}); "
            f"new token ids {list(new_ids) or 'none'}, vocab_size {model_cfg.vocab_size}")
     return grow_vocab(model, model_cfg.vocab_size, new_ids), None
@@ -177,7 +156,7 @@ def main(argv=None) -> dict:
     if cfg.out_dir and os.path.abspath(cfg.out_dir) == os.path.abspath(cfg.base):
         raise ConfigError(f"out_dir = {cfg.out_dir} is the base run itself; SFT writes a new run: "
                           "give another out_dir (e.g. weight/sft_<name>)", "out_dir")
-    pretrained = load_checkpoint(weights_path(cfg.base))
+    pretrained = pretrained_checkpoint(cfg.base)  # a danlu run, a Hugging Face folder or a gpt2 name
     new_ids = check_tokenizer(pretrained["tokenizer"], meta, cfg.base, data_dir,
                               pretrained.get("train_config", {}).get("dataset", "<pretrain-name>"))
     padded = model_config_for(dataclasses.replace(cfg, vocab_size=0), meta).vocab_size  # train.py's rule

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, gpt_config, load_checkpoint, save_checkpoint, weights_path
+from checkpoint import CheckpointError, gpt_config, load_checkpoint, save_checkpoint
 from common import (ConfigError, Logger, Runtime, StopSignal, all_reduce_sum, atomic_write, cli,
                     config_dict, load_config, peak_flops, print0, setup_runtime)
 from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
 from model import GPT, GPTConfig, setting
-from tokenizer import load_meta
+from tokenizer import load_meta, same_base
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TrainConfig(GPTConfig):
     dataset: str = "shakespeare_char"  # data/<dataset>/
     out_dir: str = ""  # default: weight/<dataset>
     # scratch | resume (out_dir's ckpt.pt) | auto (resume if there is one, else scratch) |
-    # weight/<run> (a new run starting from that run's weights)
+    # a new run from pretrained weights: weight/<run>, a Hugging Face folder, gpt2[-medium|-large|-xl]
     init_from: str = "scratch"
     vocab_size: int = setting(0, lo=0, hi=65536)  # 0: from the dataset's meta.json
     batch_size: int = setting(12, lo=1)  # per process, per micro-step
@@ -512,26 +512,52 @@ def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
     return state
 
 
-def init_weights(cfg, model_cfg: GPTConfig) -> GPT:
-    """A fresh model, or (init_from = another run's folder or ckpt.pt) that run's weights,
-    whose architecture must match this config's."""
-    model = GPT(model_cfg)
-    if cfg.init_from in ("scratch", "resume", "auto"):
+def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:
+    """The same model with vocab_size rows in wte and lm_head (tied or not). Rows of new_ids
+    (which may include the old padding rows) start at the mean of the trained rows below
+    new_ids.start, so a new token begins as an 'average' token rather than a random one;
+    every other row is kept, so logits of old tokens do not change."""
+    old = model.config.vocab_size
+    if vocab_size <= old and len(new_ids) == 0:
         return model
-    if not os.path.exists(cfg.init_from):
-        raise ConfigError(f"init_from = {cfg.init_from!r}: choose scratch, resume, auto, or the "
-                          "path of a run folder (weight/<run>) to start from its weights", "init_from")
-    source = load_checkpoint(weights_path(cfg.init_from))
-    want = gpt_config(source["model_config"], **{k: getattr(model_cfg, k) for k in TRAINING_ONLY})
-    if want != model_cfg:
-        diff = {k: (getattr(want, k), getattr(model_cfg, k)) for k in config_dict(want)
-                if getattr(want, k) != getattr(model_cfg, k)}
-        shown = ", ".join(f"{k}: {cfg.init_from} has {a!r}, config {b!r}" for k, (a, b) in diff.items())
-        raise ConfigError(f"init_from = {cfg.init_from}: a different architecture ({shown}); set "
-                          "the same model keys in the config")
-    model.load_state_dict(source["model"])
-    print0(f"starting from the weights of {cfg.init_from} (iter {source.get('iter_num')})")
-    return model
+    grown = GPT(dataclasses.replace(model.config, vocab_size=max(old, vocab_size)))
+    state = model.state_dict()
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        w = state[key]  # (old, C); with tied embeddings both keys hold the same matrix
+        mean = w[:new_ids.start].mean(dim=0)
+        rows = torch.cat([w, mean.expand(grown.config.vocab_size - old, -1)])
+        rows[new_ids.start:new_ids.stop] = mean
+        state[key] = rows
+    grown.load_state_dict(state)
+    return grown
+
+
+def init_weights(cfg, meta: dict, model_cfg: GPTConfig) -> tuple[GPT, GPTConfig]:
+    """(model, its config): a fresh model, or (init_from = a run folder, a Hugging Face folder
+    or a gpt2 name) those weights. Their architecture wins over the config's model keys, but for
+    dropout and attn_impl; cfg is updated to it so config.json and ckpt.pt tell the truth; the
+    dataset must be tokenized with their tokenizer (chat tokens appended are grown in)."""
+    if cfg.init_from in ("scratch", "resume", "auto"):
+        return GPT(model_cfg), model_cfg
+    from convert import check_fits_uint16, load_pretrained
+    source_cfg, state, source_meta = load_pretrained(cfg.init_from)
+    check_fits_uint16(source_meta, cfg.init_from)
+    if not same_base(source_meta, meta):
+        raise ConfigError(f"init_from = {cfg.init_from}: the dataset {cfg.dataset} was not tokenized "
+                          f"with its tokenizer; prepare it with python prepare/text.py --input ... "
+                          f"--name ... --tokenizer={cfg.init_from}", "init_from")
+    block_size = min(cfg.block_size, source_cfg.block_size)
+    if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
+    source_cfg = gpt_config(source_cfg, block_size=block_size, **{k: getattr(cfg, k) for k in TRAINING_ONLY})
+    model = GPT(source_cfg)
+    model.load_state_dict(state)
+    new_ids = range(source_meta["vocab_size"], meta["vocab_size"])
+    model = grow_vocab(model, max(model_cfg.vocab_size, source_cfg.vocab_size), new_ids)
+    for key, value in config_dict(model.config).items():
+        setattr(cfg, key, value)
+    print0(f"starting from the weights of {cfg.init_from}")
+    return model, model.config
 
 
 def prepare_run(cfg, run: Runtime) -> None:
@@ -551,9 +577,8 @@ def main(argv=None) -> dict:
     prepare_run(cfg, run)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
-    model_cfg = model_config_for(cfg, meta)
+    model, model_cfg = init_weights(cfg, meta, model_config_for(cfg, meta))
     state = resume_state(cfg, run, model_cfg)
-    model = init_weights(cfg, model_cfg)
     if state is not None:
         model.load_state_dict(state.pop("model"))  # no second copy of the weights for the run
         print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
