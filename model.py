@@ -350,18 +350,6 @@ class GPT(nn.Module):
         total = (F.cross_entropy(flat, targets, ignore_index=-1, reduction="none") * w).sum()
         return logits, total if reduction == "sum" else total / w.sum().clamp(min=1e-8)
 
-    # ------------------------------------------------------------------ optimizer
-
-    def configure_optimizers(self, weight_decay: float, learning_rate: float, betas, device_type: str):
-        """AdamW with weight decay on matrices only: biases, gains and (for stability) nothing
-        one-dimensional is decayed. The fused kernel on CUDA is one launch for all parameters."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
-
     # ------------------------------------------------------------------ generation
 
     def make_caches(self, batch_size: int, max_len: int) -> list[KVCache]:

@@ -1,5 +1,6 @@
 """The model's sharp edges: shapes, init loss, causality, every switch, KV cache == recomputation."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,7 +60,7 @@ def test_causality(name):
 @pytest.mark.parametrize("name", SWITCHES)
 def test_each_switch_trains(name):
     model = tiny(**SWITCHES[name])
-    opt = model.configure_optimizers(0.0, 3e-3, (0.9, 0.99), "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.99), weight_decay=0.0)
     x = torch.randint(0, V, (4, 16))
     losses = []
     for _ in range(30):
@@ -73,7 +74,7 @@ def test_each_switch_trains(name):
 
 def test_overfit_one_batch():
     model = tiny(n_layer=2, n_embd=64)
-    opt = model.configure_optimizers(0.0, 1e-2, (0.9, 0.99), "cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.0)
     x = torch.randint(0, V, (2, 17))
     for _ in range(150):
         _, loss = model(x[:, :-1], x[:, 1:])
@@ -168,7 +169,8 @@ def test_tied_and_untied_and_optimizer_groups():
     assert tied.lm_head.weight is tied.transformer.wte.weight
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == V * 32
-    opt = tied.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    from train import TrainConfig, make_optimizers
+    (opt,) = make_optimizers(TrainConfig(weight_decay=0.1, learning_rate=1e-3), tied, SimpleNamespace(device_type="cpu"))
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
