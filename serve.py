@@ -510,14 +510,17 @@ class Completion:
 async def job_items(job: Job, request):
     """The job's items as the worker makes them; the job is cancelled if the client leaves."""
     getter = None  # one pending get at a time: cancelling a get that won an item would lose it
+    checked = time.monotonic()
     try:
         while True:
             getter = getter or asyncio.ensure_future(job.out.get())
             done, _ = await asyncio.wait({getter}, timeout=1.0)
-            if not done:  # nothing yet (queued behind others?): notice a client that left
+            if not done or time.monotonic() - checked > 1.0:  # each second: has the client left?
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return
-                continue
+                if not done:
+                    continue
             item, getter = getter.result(), None
             if item is FINISHED:
                 return

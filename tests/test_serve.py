@@ -280,6 +280,13 @@ def test_api_key_request_size_in_flight_limit_and_disconnect(runs):
         while http.get("/health").json()["in_flight"] and time.time() < deadline:
             time.sleep(0.05)
         assert http.get("/health").json()["in_flight"] == 0
+        # the same for a whole (not streamed) reply whose client gives up waiting
+        with pytest.raises(httpx.ReadTimeout):
+            http.post("/v1/completions", json={**long, "stream": False}, headers=key, timeout=0.5)
+        deadline = time.time() + 10
+        while http.get("/health").json()["in_flight"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert http.get("/health").json()["in_flight"] == 0
         assert http.post("/v1/completions", json=body, headers=key).status_code == 200
     finally:
         server.close()
