@@ -246,10 +246,12 @@ def measure_matmul_flops(device: str, dtype=torch.float32, n: int = 1024, second
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, generator=g).to(dtype)
     b = torch.randn(n, n, device=device, generator=g).to(dtype)
+    t0 = time.perf_counter()
     a @ b
     sync_device(device)
-    best, deadline = float("inf"), time.time() + seconds
-    while time.time() < deadline:
+    best = time.perf_counter() - t0  # a slow dtype (float16 on most CPUs) stops at this one
+    deadline = time.time() + seconds
+    while time.time() < deadline and best < seconds:
         t0 = time.perf_counter()
         for _ in range(4):
             a @ b

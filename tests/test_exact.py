@@ -217,3 +217,15 @@ def test_checkpoint_policy(tiny_data, monkeypatch, always):
     assert "optimizer" not in best and load_checkpoint("weight/a")["iter_num"] == 20
     model, ckpt = common.load_model("weight/a")  # a run folder means its best weights
     assert ckpt["iter_num"] == best_iter
+
+
+def test_float16_resume_keeps_the_grad_scaler(tiny_data):
+    """float16 (autocast + GradScaler, on the CPU here): the scaler's scale and growth counter
+    travel in ckpt.pt, so a resumed run scales its losses as an uninterrupted one does."""
+    args = TINY + ["--dtype=float16", "--eval_interval=100", "--lr_decay_iters=6"]
+    run_script("train.py", *args, "--max_iters=6", "--out_dir=weight/full")
+    run_script("train.py", *args, "--max_iters=3", "--out_dir=weight/split")
+    assert load_checkpoint("weight/split")["scaler"]["_growth_tracker"] == 3
+    run_script("train.py", *args, "--max_iters=6", "--out_dir=weight/split", "--init_from=resume")
+    assert step_losses("weight/split") == step_losses("weight/full")
+    assert load_checkpoint("weight/split")["scaler"] == load_checkpoint("weight/full")["scaler"]
