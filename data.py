@@ -10,7 +10,9 @@ Two loaders: TokenWindows (random block_size windows, for pretraining on a token
 Examples (whole examples, right-padded, with loss masks). Both open the memmap per batch so the
 process never holds a split in memory, and both carry their sampling state for exact resume.
 """
+import contextlib
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -78,6 +80,36 @@ class ExampleWriter:
         os.replace(self.idx_path + ".tmp", self.idx_path)
         return {"examples": len(self.starts), "tokens": self.tokens.count,
                 "targets": self.n_targets if self.masks is not None else self.tokens.count}
+
+
+@contextlib.contextmanager
+def building(out_dir: str):
+    """Yield an empty folder to build a whole dataset in; when the block ends without an error it
+    replaces out_dir, otherwise it is deleted and out_dir is left exactly as it was.
+
+    A prepare script that writes into data/<name> directly and then fails leaves a dataset that
+    is half old and half new, or empty bins beside a stale meta.json; one that builds aside and
+    swaps at the end leaves either the old dataset or the new one, never a mix."""
+    # realpath: when data/<name> is a link to another disk, build on that disk (a rename
+    # cannot cross file systems) and swap the folder the link points to, keeping the link.
+    target = os.path.realpath(out_dir)
+    parent, name = os.path.split(target)
+    tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}")
+    old = os.path.join(parent, f".{name}.old-{os.getpid()}")
+    for stale in (tmp, old):  # left by a killed run that had this process id
+        shutil.rmtree(stale, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:  # Ctrl-C too: never leave a half-built folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # Two renames, not one: os.replace cannot put a folder over a non-empty one. Between them
+    # data/<name> is missing for an instant; the old copy is deleted only once the new is in.
+    if os.path.exists(target):
+        os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reading

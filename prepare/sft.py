@@ -4,7 +4,9 @@ Chat records -> an SFT dataset that shares a pretrain dataset's tokenizer (+ the
     python prepare/sft.py --input chats.jsonl --name my_sft --base data/<pretrain-name>
         [--max_length 1024] [--val_fraction 0.05 | --val_input FILE ...] [--skip_bad] [--seed 1337]
 
-Input files are JSONL or one JSON array (told apart by the first non-space character), UTF-8.
+Input files are JSONL or one JSON array, UTF-8. A file is a JSON array when it starts with "["
+and its first line is not a whole JSON value with more lines after it (that is JSONL whose first
+record is a list, an error at line 1).
 The format is detected per record:
   {"conversations": [{"role": "user"|"assistant"|"system", "content": ...}, ...]}   minimind
   {"messages": [{"role": ..., "content": str | [{"type": "text", "text": ...}]}]}    OpenAI
@@ -23,7 +25,10 @@ Rules (everything is counted and reported in the summary, nothing is silent):
     turn(s) stay, the oldest exchanges (a user turn and what follows it) go. If even the latest
     exchange does not fit, the record is dropped. A conversation without a target is dropped.
   - with a char base, characters missing from its table cannot be encoded: they are dropped and
-    counted. Keep --max_length <= the SFT block_size + 1 so the loader never cuts an example.
+    counted. A turn with text of which no visible character is in the table would become an
+    empty turn: its record is skipped (counted as unencodable), as records with unknown roles
+    are, since the record is well-formed and --skip_bad is for malformed ones.
+    Keep --max_length <= the SFT block_size + 1 so the loader never cuts an example.
   - val: --val_fraction of the records read, by a seeded shuffle, whichever of them are kept
     (so another --max_length never moves a record between splits); or the --val_input files.
 Writes data/<name>/{train,val}.{bin,idx,mask.bin} and meta.json (the base tokenizer + chat tokens).
@@ -44,6 +49,8 @@ from tqdm import tqdm
 
 import data
 import tokenizer
+from common import cli
+from prepare import decode_utf8, open_input
 from tokenizer import CHAT_TOKENS, fit_conversation
 
 # Other names datasets use for the template's roles.
@@ -70,13 +77,19 @@ class UnknownRoleError(ValueError):
 
 # ----------------------------------------------------------------------------- reading
 
-def _first_char(path: str) -> str:
-    with open(path, "rb") as f:
-        while chunk := f.read(4096):
-            text = chunk.lstrip().removeprefix(b"\xef\xbb\xbf").lstrip()  # UTF-8 BOM
-            if text:
-                return chr(text[0])
-    return ""
+def _is_json_array(path: str) -> bool:
+    """True for one JSON array, False for JSONL (rule in the module docstring). Only the first
+    lines are read: a JSONL file may be far larger than memory."""
+    with open_input(path) as f:
+        first = next((line for line in f if line.strip()), b"")
+        first = first.strip().removeprefix(b"\xef\xbb\xbf").lstrip()  # UTF-8 BOM
+        if not first.startswith(b"["):
+            return False
+        try:
+            json.loads(first)
+        except ValueError:  # not whole on one line: an array written over many lines
+            return True
+        return not any(line.strip() for line in f)  # an array on one line, or JSONL
 
 
 def iter_records(path: str, on_bad=None):
@@ -84,17 +97,19 @@ def iter_records(path: str, on_bad=None):
 
     A JSONL line that is not valid JSON raises RecordError naming the file and line, unless
     on_bad is given: then on_bad(location, message) is called and reading goes on."""
-    if _first_char(path) == "[":
+    if _is_json_array(path):
         # A JSON array has to be parsed whole; records are still handed out one at a time.
-        with open(path, encoding="utf-8-sig") as f:
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{path}: not valid JSON ({e})") from None
+        with open_input(path) as f:
+            text = decode_utf8(f.read(), path).removeprefix("\ufeff")
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{path} line {e.lineno}: not valid JSON ({e.msg} at column "
+                              f"{e.colno}); a JSON array file must be one array") from None
         for i, record in enumerate(records):
             yield f"{path} index {i}", record
         return
-    with open(path, "rb") as f:  # bytes, so that bad UTF-8 is reported with its line number
+    with open_input(path) as f:  # bytes, so that bad UTF-8 is reported with its line number
         for lineno, raw in enumerate(f, 1):
             location = f"{path} line {lineno}"
             try:
@@ -245,6 +260,9 @@ def _encode(tok, record, max_length: int, counts: Counter):
     if not any(mask):  # the cut left no assistant turn
         counts["no_target"] += 1
         return None
+    if any(_unencodable(tok, m["content"]) for m in kept):
+        counts["unencodable"] += 1
+        return None
     counts.update(notes)
     counts["truncated"] += len(kept) < len(messages)
     if isinstance(tok, tokenizer.CharTokenizer):
@@ -252,6 +270,16 @@ def _encode(tok, record, max_length: int, counts: Counter):
             if tok.count_unknown(m["content"]):
                 counts.update("char:" + c for c in m["content"] if c not in tok.stoi)
     return ids, mask
+
+
+def _unencodable(tok, text: str) -> bool:
+    """True when text has visible characters and a char table knows none of them: the turn
+    would train on an empty (or blank) text that stands for something else. Other tokenizers
+    encode any text (tiktoken) or map unknown words to an unk token (vocab)."""
+    if not isinstance(tok, tokenizer.CharTokenizer):
+        return False
+    visible = [c for c in text if not c.isspace()]
+    return bool(visible) and not any(c in tok.stoi for c in visible)
 
 
 def _convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counter, bad: list,
@@ -322,7 +350,8 @@ def _summary(counts: Counter, bad: list, splits: dict) -> dict:
     summary = {
         "records_read": counts["read"], "kept": counts["kept"],
         "skipped": {"malformed": counts["malformed"], "unknown_role": sum(unknown_roles.values()),
-                    "too_long": counts["too_long"], "no_target": counts["no_target"]},
+                    "too_long": counts["too_long"], "no_target": counts["no_target"],
+                    "unencodable": counts["unencodable"]},
         "unknown_roles": unknown_roles, "malformed_examples": bad,
         "flattened_values": counts["flattened"], "mapped_roles": _prefixed(counts, "mapped:"),
         "truncated": counts["truncated"], "dropped_characters": sum(dropped_chars.values()),
@@ -353,41 +382,45 @@ def build_sft_dataset(inputs, base_dir, out_dir, max_length=1024, val_fraction=0
     added = tok.add_special_tokens(CHAT_TOKENS)
     counts, bad = Counter(), []
     options = (max_length, skip_bad, counts, bad)
+    with data.building(out_dir) as build_dir:  # a failure leaves an earlier out_dir as it was
+        splits = _write_splits(inputs, val_inputs, tok, build_dir, val_fraction, seed, options)
+        if not counts["kept"]:
+            reasons = {k: v for k, v in counts.items() if not k.startswith("char:")}
+            raise ValueError(f"no conversation was kept out of {counts['read']} records read "
+                             f"({reasons})")
+        summary = _summary(counts, bad, splits)
+        summary.update({"inputs": list(inputs), "val_inputs": list(val_inputs or []),
+                        "val_fraction": None if val_inputs else val_fraction, "seed": seed,
+                        "max_length": max_length, "chat_tokens_added": added,
+                        "vocab_size": tok.vocab_size, "seconds": round(time.time() - t0, 2)})
+        tokenizer.save_meta(build_dir, tok.to_meta(task="sft", base=base_dir, source=summary))
+    return summary
 
+
+def _write_splits(inputs, val_inputs, tok, out_dir, val_fraction, seed, options) -> dict:
+    """Every record of inputs (and val_inputs) into out_dir's train and val splits; returns
+    {split: writer summary}, or {} when no record was kept."""
     if val_inputs:
         writers = {s: data.ExampleWriter(out_dir, s, tok.vocab_size, with_mask=True)
                    for s in ("train", "val")}
         _convert(inputs, tok, writers["train"], *options)
         _convert(val_inputs, tok, writers["val"], *options)
-        splits = {s: w.close() for s, w in writers.items()}
-    else:
-        # Val is a seeded random subset, so examples go to a temporary split first (on disk, not
-        # in memory) and are copied out once their number is known.
-        all_writer = data.ExampleWriter(out_dir, "_all", tok.vocab_size, with_mask=True)
-        all_prefix = os.path.join(out_dir, "_all")
-        try:
-            record_ids = array.array("q")
-            _convert(inputs, tok, all_writer, *options, record_ids=record_ids)
-            all_writer.close()
-            if counts["kept"]:
-                splits = _split(all_prefix, out_dir, tok.vocab_size, val_fraction, seed,
-                                record_ids, counts["read"])
-        finally:
-            for suffix in (".bin", ".idx", ".mask.bin", ".bin.tmp", ".idx.tmp", ".mask.bin.tmp"):
-                if os.path.exists(all_prefix + suffix):
-                    os.remove(all_prefix + suffix)
-
-    if not counts["kept"]:
-        reasons = {k: v for k, v in counts.items() if not k.startswith("char:")}
-        raise ValueError(f"no conversation was kept out of {counts['read']} records read "
-                         f"({reasons})")
-    summary = _summary(counts, bad, splits)
-    summary.update({"inputs": list(inputs), "val_inputs": list(val_inputs or []),
-                    "val_fraction": None if val_inputs else val_fraction, "seed": seed,
-                    "max_length": max_length, "chat_tokens_added": added,
-                    "vocab_size": tok.vocab_size, "seconds": round(time.time() - t0, 2)})
-    tokenizer.save_meta(out_dir, tok.to_meta(task="sft", base=base_dir, source=summary))
-    return summary
+        return {s: w.close() for s, w in writers.items()}
+    # Val is a seeded random subset, so examples go to a temporary split first (on disk, not
+    # in memory) and are copied out once their number is known.
+    all_writer = data.ExampleWriter(out_dir, "_all", tok.vocab_size, with_mask=True)
+    record_ids = array.array("q")
+    counts = options[2]
+    _convert(inputs, tok, all_writer, *options, record_ids=record_ids)
+    all_writer.close()
+    all_prefix = os.path.join(out_dir, "_all")
+    splits = {}
+    if counts["kept"]:
+        splits = _split(all_prefix, out_dir, tok.vocab_size, val_fraction, seed, record_ids,
+                        counts["read"])
+    for suffix in (".bin", ".idx", ".mask.bin"):
+        os.remove(all_prefix + suffix)
+    return splits
 
 
 def format_summary(s: dict, out_dir: str) -> str:
@@ -411,7 +444,7 @@ def format_summary(s: dict, out_dir: str) -> str:
     return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--input", nargs="+", required=True, help="JSONL or JSON array files")
     parser.add_argument("--name", required=True, help="output folder: data/<name>")
@@ -422,15 +455,12 @@ def main():
     val.add_argument("--val_input", nargs="+", help="files for the val split instead")
     parser.add_argument("--skip_bad", action="store_true", help="skip malformed records")
     parser.add_argument("--seed", type=int, default=1337)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     out_dir = os.path.join("data", args.name)
-    try:
-        summary = build_sft_dataset(args.input, args.base, out_dir, args.max_length,
-                                    args.val_fraction, args.skip_bad, args.seed, args.val_input)
-    except (ValueError, OSError) as e:  # RecordError, DataError, missing files: no traceback
-        sys.exit(f"error: {e}")
+    summary = build_sft_dataset(args.input, args.base, out_dir, args.max_length,
+                                args.val_fraction, args.skip_bad, args.seed, args.val_input)
     print(format_summary(summary, out_dir))
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)  # RecordError, DataError, missing files: one line, no traceback

@@ -9,6 +9,7 @@ The character table is every character of the text, sorted (65 for Tiny Shakespe
 """
 import argparse
 import os
+import shutil
 import sys
 import urllib.request
 
@@ -16,21 +17,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import tokenizer  # noqa: E402
+from common import cli  # noqa: E402
+from prepare import read_utf8  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 
 
 def download(path: str) -> None:
-    """Fetch the text to path (once: a later run reuses it)."""
+    """Fetch the text to path."""
     try:
         with urllib.request.urlopen(URL, timeout=30) as r:
             text = r.read()
     except OSError as e:  # URLError and socket timeouts are both OSErrors
         raise data.DataError(f"could not download {URL} ({e}). Offline, pass a local copy: "
                              "--input ../shared/data/tinyshakespeare.txt") from None
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "wb") as f:
         f.write(text)
+
+
+def downloaded_input(out_dir: str, build_dir: str) -> str:
+    """input.txt in build_dir: copied from out_dir when an earlier run downloaded it there (the
+    new folder replaces out_dir whole, so the copy is what keeps it), else downloaded."""
+    path, earlier = os.path.join(build_dir, "input.txt"), os.path.join(out_dir, "input.txt")
+    if os.path.exists(earlier):
+        shutil.copyfile(earlier, path)
+    else:
+        download(path)
+    return path
 
 
 def write_split(path: str, tok: tokenizer.CharTokenizer, text: str) -> int:
@@ -47,32 +60,25 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
 
     out_dir = os.path.join("data", args.name)
-    path = args.input
-    if path is None:
-        path = os.path.join(out_dir, "input.txt")
-        if not os.path.exists(path):
-            download(path)
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if len(text) < 2:
-        raise data.DataError(f"{path} holds {len(text)} characters; need at least 2 to split")
+    with data.building(out_dir) as build_dir:
+        path = args.input or downloaded_input(out_dir, build_dir)
+        text = read_utf8(path)
+        if len(text) < 2:
+            raise data.DataError(f"{path} holds {len(text)} characters; need at least 2 to split")
 
-    tok = tokenizer.CharTokenizer.from_text(text)
-    n = int(len(text) * 0.9)
-    n_train = write_split(os.path.join(out_dir, "train.bin"), tok, text[:n])
-    n_val = write_split(os.path.join(out_dir, "val.bin"), tok, text[n:])
-    source = {"script": "prepare/shakespeare_char.py", "input": args.input or URL,
-              "characters": len(text), "split": "first 90% train, last 10% val",
-              "train_tokens": n_train, "val_tokens": n_val}
-    meta = tok.to_meta(source=source)
-    tokenizer.save_meta(out_dir, meta)
+        tok = tokenizer.CharTokenizer.from_text(text)
+        n = int(len(text) * 0.9)
+        n_train = write_split(os.path.join(build_dir, "train.bin"), tok, text[:n])
+        n_val = write_split(os.path.join(build_dir, "val.bin"), tok, text[n:])
+        source = {"script": "prepare/shakespeare_char.py", "input": args.input or URL,
+                  "characters": len(text), "split": "first 90% train, last 10% val",
+                  "train_tokens": n_train, "val_tokens": n_val}
+        meta = tok.to_meta(source=source)
+        tokenizer.save_meta(build_dir, meta)
     print(f"{len(text):,} characters, vocab_size {tok.vocab_size}: "
           f"train {n_train:,} tokens, val {n_val:,} tokens -> {out_dir}/")
     return meta
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except data.DataError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

@@ -35,7 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import tokenizer  # noqa: E402
+from common import cli  # noqa: E402
 from data import DataError  # noqa: E402
+from prepare import decode_utf8, open_input  # noqa: E402
 
 EOT = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl")
@@ -51,6 +53,7 @@ class Chunk(NamedTuple):
     payload: object       # bytes (txt) or a list of lines as bytes (jsonl)
     nbytes: int
     ends_document: bool   # txt: this is the file's last chunk
+    first_line: int = 1   # txt: the line the chunk starts on, for error messages
 
 
 def list_inputs(paths: list[str]) -> list[str]:
@@ -103,22 +106,22 @@ def find_cut(buf: bytes) -> int:
 
 
 def read_txt(path: str, chunk_size: int):
-    with open(path, "rb") as f:
-        carry, offset = f.read(len(b"\xef\xbb\xbf")), 0
+    with open_input(path) as f:
+        carry, offset, line = f.read(len(b"\xef\xbb\xbf")), 0, 1
         if carry == b"\xef\xbb\xbf":  # a UTF-8 byte-order mark is not text
             carry, offset = b"", 3
         while True:
             buf = carry + f.read(chunk_size)
             if not f.peek(1):
-                yield Chunk(path, "txt", offset, buf, len(buf), True)
+                yield Chunk(path, "txt", offset, buf, len(buf), True, line)
                 return
             cut = find_cut(buf)
-            yield Chunk(path, "txt", offset, buf[:cut], cut, False)
-            carry, offset = buf[cut:], offset + cut
+            yield Chunk(path, "txt", offset, buf[:cut], cut, False, line)
+            carry, offset, line = buf[cut:], offset + cut, line + buf.count(b"\n", 0, cut)
 
 
 def read_jsonl(path: str, chunk_size: int):
-    with open(path, "rb") as f:
+    with open_input(path) as f:
         lines, nbytes, first = [], 0, 1
         for number, line in enumerate(f, 1):
             lines.append(line)
@@ -141,15 +144,13 @@ def read_chunks(files: list[str], chunk_size: int):
 def documents(chunk: Chunk) -> list[tuple[str, bool]]:
     """The (text, ends_document) pieces of a chunk, empty documents left out."""
     if chunk.kind == "txt":
-        try:
-            text = chunk.payload.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{chunk.path}: not UTF-8 at byte {chunk.start + e.start}") from None
+        text = decode_utf8(chunk.payload, chunk.path, chunk.first_line)
         return [(text, chunk.ends_document)] if text else []
     docs = []
     for number, line in enumerate(chunk.payload, chunk.start):
         if not line.strip():
             continue
+        line = decode_utf8(line, chunk.path, number).removeprefix("\ufeff")  # a BOM is not JSON
         try:
             record = json.loads(line)
         except ValueError as e:
@@ -256,13 +257,6 @@ class Splitter:
         return {f"{s}_tokens": w.count for s, w in self.writers.items()} | \
                {f"{s}_pieces": n for s, n in self.pieces.items()}
 
-    def abort(self) -> None:
-        """Close and delete the half-written temp files (BinWriter writes <bin>.tmp)."""
-        for w in self.writers.values():
-            w.f.close()
-            if os.path.exists(w.path + ".tmp"):
-                os.remove(w.path + ".tmp")
-
 
 # ----------------------------------------------------------------------------- main
 
@@ -286,21 +280,17 @@ def char_tokenizer(files, args, total: int) -> tokenizer.CharTokenizer:
 
 
 def encode_all(files, args, tok, out_dir: str, total: int) -> dict:
+    """Both bins in out_dir (a folder data.building deletes whole if this fails)."""
     splitter = Splitter(out_dir, tok.vocab_size, args.val_fraction, args.seed)
     counts = {"documents": 0, "chunks": 0}
-    try:
-        with progress(total, "encoding") as bar:
-            for ids, lengths, docs, nbytes in ordered_map(
-                    encode_chunk, read_chunks(files, args.chunk_size), args.workers,
-                    tok.to_meta()):
-                splitter.add(ids, lengths)
-                counts["documents"] += docs
-                counts["chunks"] += 1
-                bar.update(nbytes)
-        return counts | splitter.close()
-    except BaseException:
-        splitter.abort()
-        raise
+    with progress(total, "encoding") as bar:
+        for ids, lengths, docs, nbytes in ordered_map(
+                encode_chunk, read_chunks(files, args.chunk_size), args.workers, tok.to_meta()):
+            splitter.add(ids, lengths)
+            counts["documents"] += docs
+            counts["chunks"] += 1
+            bar.update(nbytes)
+    return counts | splitter.close()
 
 
 def usable_cores() -> int:
@@ -329,12 +319,13 @@ def main(argv=None) -> dict:
         tok = char_tokenizer(files, args, total)
     else:
         tok = tokenizer.TiktokenTokenizer("gpt2")
-    counts = encode_all(files, args, tok, out_dir, total)
-    source = {"script": "prepare/text.py", "inputs": args.input, "files": len(files),
-              "bytes": total, "val_fraction": args.val_fraction, "seed": args.seed,
-              "split": "per document (or .txt chunk), seeded; see prepare/text.py", **counts}
-    meta = tok.to_meta(source=source)
-    tokenizer.save_meta(out_dir, meta)
+    with data.building(out_dir) as build_dir:
+        counts = encode_all(files, args, tok, build_dir, total)
+        source = {"script": "prepare/text.py", "inputs": args.input, "files": len(files),
+                  "bytes": total, "val_fraction": args.val_fraction, "seed": args.seed,
+                  "split": "per document (or .txt chunk), seeded; see prepare/text.py", **counts}
+        meta = tok.to_meta(source=source)
+        tokenizer.save_meta(build_dir, meta)
     print(f"{len(files)} files, {counts['documents']:,} documents, vocab_size {tok.vocab_size}: "
           f"train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens "
           f"-> {out_dir}/")
@@ -342,7 +333,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:
-        sys.exit(f"error: {e}")
+    cli(main)

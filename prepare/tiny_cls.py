@@ -42,7 +42,9 @@ from tqdm import tqdm
 
 import data
 import tokenizer
+from common import cli
 from data import DataError
+from prepare import decode_utf8, open_input, read_utf8
 from prepare.codebook import encode_images, fit_codebook, save_codebook
 
 DIGITS_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
@@ -202,8 +204,7 @@ def load_vocab(path: str, num_classes: int = NUM_CLASSES):
     """(VocabTokenizer, added tokens) from a vocab.json {token: id} with ids 0..n-1. <UNK>, the
     markers and the class tokens are made special tokens, appended when the vocab lacks them."""
     try:
-        with open(path, encoding="utf-8") as f:
-            vocab = json.load(f)
+        vocab = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(vocab, dict) or not all(
@@ -270,8 +271,9 @@ def read_jsonl(path: str, tok, max_length: int = 1024, num_classes: int = NUM_CL
         stats.setdefault(key, 0)
     unk = tok.stoi.get(tok.unk_token) if tok.unk_token else None
     seqs, labels = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open_input(path) as f:  # bytes, so that bad UTF-8 is reported with its line number
+        for lineno, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, lineno).removeprefix("\ufeff")
             if not line.strip():
                 continue
             where = f"{path}:{lineno}"
@@ -343,22 +345,36 @@ def prepare_jsonl(args, stats: dict):
     return tok, splits, None, f"JSONL {args.jsonl} with vocab {args.vocab}"
 
 
+def check_splits(splits: dict, args, kind: str, origin: str) -> None:
+    """Refuse an empty split before anything is written, with the fix for this source."""
+    for split, (seqs, _) in splits.items():
+        if len(seqs):
+            continue
+        if kind == "jsonl" and args.val_jsonl:
+            path = args.val_jsonl if split == "val" else args.jsonl
+            raise DataError(f"{path} holds no examples, so the {split} split would be empty; "
+                            "give it at least one line")
+        if kind == "jsonl":
+            n = sum(len(s) for s, _ in splits.values())
+            raise DataError(f"{args.jsonl}: its {n} examples leave the {split} split empty with "
+                            f"--val_frac {args.val_frac} (each class gives round(count x "
+                            "val_frac) to val); add examples, change --val_frac, or pass "
+                            "--val_jsonl FILE")
+        raise DataError(f"{origin}: no {split} images; check the source files")
+
+
 def write_dataset(data_dir: str, tok, splits: dict, codebook, extra: dict) -> dict:
-    """Write every split, the codebook and meta.json; returns {split: writer summary}."""
+    """Write every split, the codebook and meta.json into data_dir, a new folder (so no file
+    of an earlier dataset of the same name can be left beside them); returns {split: summary}."""
     written = {}
     for split, (seqs, labels) in splits.items():
-        if len(seqs) == 0:
-            raise DataError(f"split {split!r} would be empty; give more examples or --val_jsonl")
         writer = data.ExampleWriter(data_dir, split, tok.vocab_size, with_mask=True)
         for ids in tqdm(seqs, desc=f"writing {split}", disable=None, leave=False):
             writer.add(ids, example_mask(len(ids)))
         written[split] = writer.close()
         written[split]["classes"] = np.bincount(labels, minlength=extra["num_classes"]).tolist()
-    codebook_path = os.path.join(data_dir, "codebook.npz")
     if codebook is not None:
-        save_codebook(codebook_path, codebook)
-    elif os.path.exists(codebook_path):  # stale, from an image dataset of the same name
-        os.remove(codebook_path)
+        save_codebook(os.path.join(data_dir, "codebook.npz"), codebook)
     extra["example_length"] = max(max(len(s) for s in seqs) for seqs, _ in splits.values())
     extra["source"]["counts"] = written
     tokenizer.save_meta(data_dir, tok.to_meta(**extra))
@@ -422,7 +438,9 @@ def main(argv=None) -> str:
              "num_classes": args.num_classes, "codebook": codebook_meta,
              "source": {"script": "prepare/tiny_cls.py", "data": origin, "args": vars(args),
                         **stats}}
-    written = write_dataset(data_dir, tok, splits, codebook, extra)
+    check_splits(splits, args, kind, origin)
+    with data.building(data_dir) as build_dir:
+        written = write_dataset(build_dir, tok, splits, codebook, extra)
     print(f"{data_dir}: vocab {tok.vocab_size}, examples up to {extra['example_length']} tokens, "
           f"{time.time() - t0:.1f}s")
     for split, w in written.items():
@@ -436,7 +454,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except DataError as e:  # a problem with the user's files: the message is the whole story
-        sys.exit(f"error: {e}")
+    cli(main)
