@@ -89,7 +89,7 @@ def _is_json_array(path: str) -> bool:
             json.loads(first)
         except ValueError:  # not whole on one line: an array written over many lines
             return True
-        return not any(line.strip() for line in f)  # an array on one line, or JSONL
+        return not any(line.strip() for line in f)  # more lines after it: JSONL
 
 
 def iter_records(path: str, on_bad=None):
@@ -410,7 +410,7 @@ def _write_splits(inputs, val_inputs, tok, out_dir, val_fraction, seed, options)
     # in memory) and are copied out once their number is known.
     all_writer = data.ExampleWriter(out_dir, "_all", tok.vocab_size, with_mask=True)
     record_ids = array.array("q")
-    counts = options[2]
+    counts = options[2]  # options: (max_length, skip_bad, counts, bad), as _convert takes them
     _convert(inputs, tok, all_writer, *options, record_ids=record_ids)
     all_writer.close()
     all_prefix = os.path.join(out_dir, "_all")

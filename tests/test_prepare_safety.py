@@ -100,6 +100,18 @@ def test_failed_rerun_leaves_the_dataset_as_it_was(workdir, monkeypatch, script)
     assert os.listdir("data") == ["ds"]
 
 
+def test_shakespeare_rebuild_keeps_the_downloaded_text(workdir, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the text was downloaded before: it must not be fetched again")
+    monkeypatch.setattr(shakespeare_char.urllib.request, "urlopen", no_network)
+    os.makedirs("data/shakespeare_char")
+    with open("data/shakespeare_char/input.txt", "w") as f:
+        f.write("To be, or not to be: that is the question.\n")
+    shakespeare_char.main([])  # the new folder replaces the old one, input.txt included
+    assert sorted(os.listdir("data/shakespeare_char")) == ["input.txt", "meta.json", "train.bin",
+                                                           "val.bin"]
+
+
 def test_sft_rerun_with_no_usable_record_keeps_the_dataset(workdir):
     prepare_sft_chats(1)
     before = snapshot("data/ds")
