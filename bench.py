@@ -97,7 +97,7 @@ def phase_split(trainer, n: int) -> dict:
     """Median seconds per step of: reading the step's batches, their forward passes, forward +
     backward, and a whole Trainer.step; backward and the optimizer are the differences. Timed
     beside the loop, never inside it, so the step train.py runs carries no timers."""
-    run, model, cfg = trainer.run, trainer.model, trainer.cfg
+    run, model = trainer.run, trainer.model
     loader = trainer.loaders["train"]
     batches = [loader.get_batch(run.device) for _ in range(trainer.accum)]
 

@@ -169,7 +169,7 @@ def init_worker(meta: dict | None) -> None:
     global _TOK, _EOT_ID
     if meta is not None:
         _TOK = tokenizer.from_meta(meta)
-        _EOT_ID = _TOK.token_id(EOT)
+        _EOT_ID = _TOK.token_id(meta.get("document_end", EOT))
 
 
 def encode_chunk(chunk: Chunk):
@@ -279,18 +279,33 @@ def char_tokenizer(files, args, total: int) -> tokenizer.CharTokenizer:
     return tok
 
 
-def encode_all(files, args, tok, out_dir: str, total: int) -> dict:
-    """Both bins in out_dir (a folder data.building deletes whole if this fails)."""
+def encode_all(files, args, tok, out_dir: str, total: int, end: str = EOT) -> dict:
+    """Both bins in out_dir (a folder data.building deletes whole if this fails); documents
+    end with the special token `end`."""
     splitter = Splitter(out_dir, tok.vocab_size, args.val_fraction, args.seed)
     counts = {"documents": 0, "chunks": 0}
     with progress(total, "encoding") as bar:
         for ids, lengths, docs, nbytes in ordered_map(
-                encode_chunk, read_chunks(files, args.chunk_size), args.workers, tok.to_meta()):
+                encode_chunk, read_chunks(files, args.chunk_size), args.workers, tok.to_meta(document_end=end)):
             splitter.add(ids, lengths)
             counts["documents"] += docs
             counts["chunks"] += 1
             bar.update(nbytes)
     return counts | splitter.close()
+
+
+def model_tokenizer(source: str) -> tuple[tokenizer.Tokenizer, str]:
+    """(tokenizer, document end) of a model to continue pretraining (train.py --init_from=
+    source). Documents end with its <|endoftext|>, else the folder's eos token, else an
+    appended <|endoftext|> (train.py grows the embedding for it)."""
+    from convert import check_fits_uint16, tokenizer_meta
+    meta = tokenizer_meta(source)
+    check_fits_uint16(meta, source)
+    tok = tokenizer.from_meta(meta)
+    eos = meta.get("eos_token")
+    end = EOT if EOT in tok.special_tokens or eos not in tok.special_tokens else eos
+    tok.add_special_tokens([end])
+    return tok, end
 
 
 def usable_cores() -> int:
@@ -303,7 +318,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or folders")
     parser.add_argument("--name", required=True, help="writes data/<name>/")
-    parser.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2")
+    parser.add_argument("--tokenizer", default="gpt2",
+                        help="gpt2 | char | a Hugging Face folder, gpt2-medium/-large/-xl or a run "
+                             "folder (weight/<run>): the tokenizer of the model you will start from")
     parser.add_argument("--val_fraction", type=float, default=0.0005)
     parser.add_argument("--seed", type=int, default=2357)
     parser.add_argument("--workers", type=int, default=usable_cores())
@@ -315,16 +332,19 @@ def main(argv=None) -> dict:
     files = list_inputs(args.input)
     total = sum(os.path.getsize(f) for f in files)
     out_dir = os.path.join("data", args.name)
+    end = EOT
     if args.tokenizer == "char":
         tok = char_tokenizer(files, args, total)
-    else:
+    elif args.tokenizer == "gpt2":
         tok = tokenizer.TiktokenTokenizer("gpt2")
+    else:
+        tok, end = model_tokenizer(args.tokenizer)
     with data.building(out_dir) as build_dir:
-        counts = encode_all(files, args, tok, build_dir, total)
+        counts = encode_all(files, args, tok, build_dir, total, end)
         source = {"script": "prepare/text.py", "inputs": args.input, "files": len(files),
                   "bytes": total, "val_fraction": args.val_fraction, "seed": args.seed,
                   "split": "per document (or .txt chunk), seeded; see prepare/text.py", **counts}
-        meta = tok.to_meta(source=source)
+        meta = tok.to_meta(source=source, document_end=end)
         tokenizer.save_meta(build_dir, meta)
     print(f"{len(files)} files, {counts['documents']:,} documents, vocab_size {tok.vocab_size}: "
           f"train {counts['train_tokens']:,} tokens, val {counts['val_tokens']:,} tokens "

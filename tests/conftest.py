@@ -1,4 +1,5 @@
 """Shared test set-up: the repo root on sys.path, the offline tiktoken cache, CPU float32."""
+import json
 import os
 import sys
 
@@ -58,3 +59,34 @@ def gpt2_available():
         tiktoken.get_encoding("gpt2")
     except Exception as e:  # no cache and no network
         pytest.skip(f"tiktoken gpt2 encoding unavailable: {e}")
+
+
+# ----------------------------------------------------------------------------- a tiny char run
+
+TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
+        "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 40
+
+TINY = ["--dataset=tiny", "--device=cpu", "--block_size=32", "--batch_size=4", "--n_layer=2",
+        "--n_head=2", "--n_embd=32", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
+        "--learning_rate=3e-3", "--min_lr=3e-4"]
+
+
+def make_char_dataset(root, name="tiny", text=TEXT):
+    """data/<name> under root, split 90/10."""
+    return write_char_dataset(os.path.join(root, "data", name), text, len(text) - int(0.9 * len(text)))
+
+
+@pytest.fixture
+def tiny_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_char_dataset(tmp_path)
+    return tmp_path
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def step_losses(out_dir):
+    return [(r["iter"], r["train_loss"]) for r in read_log(out_dir) if "lr" in r]

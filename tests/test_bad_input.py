@@ -11,18 +11,8 @@ import sft
 import train
 from checkpoint import load_checkpoint
 from common import ConfigError, load_config
-from conftest import run_script
+from conftest import TINY, read_log, run_script
 from data import DataError
-from test_train import TINY, make_char_dataset, read_log
-
-
-@pytest.fixture
-def tiny_data(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_char_dataset(tmp_path)
-    return tmp_path
-
-
 # ----------------------------------------------------------------------------- data lost
 
 def test_a_diverging_run_never_saves_what_it_cannot_use(tiny_data):
@@ -85,13 +75,6 @@ BAD_TRAIN = [
 ]
 
 
-@pytest.mark.parametrize("arg,message", BAD_TRAIN)
-def test_train_values_out_of_range(arg, message):
-    with pytest.raises(ConfigError) as e:
-        load_config(train.TrainConfig, [arg])
-    assert message in str(e.value)
-
-
 BAD_SAMPLE = [
     ("--num_samples=0", "num_samples = 0: must be >= 1"),
     ("--max_new_tokens=-5", "max_new_tokens = -5: must be >= 1"),
@@ -104,10 +87,11 @@ BAD_SAMPLE = [
 ]
 
 
-@pytest.mark.parametrize("arg,message", BAD_SAMPLE)
-def test_sample_values_out_of_range(arg, message):
+@pytest.mark.parametrize("cls,arg,message", [(train.TrainConfig, *case) for case in BAD_TRAIN]
+                         + [(sample.SampleConfig, *case) for case in BAD_SAMPLE])
+def test_values_out_of_range(cls, arg, message):
     with pytest.raises(ConfigError) as e:
-        load_config(sample.SampleConfig, [arg])
+        load_config(cls, [arg])
     assert message in str(e.value)
 
 

@@ -11,9 +11,8 @@ import torch
 
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT
+from conftest import ROOT, TINY, make_char_dataset, read_log
 from data import ExampleWriter
-from test_train import TINY, make_char_dataset, read_log
 from tokenizer import VocabTokenizer, save_meta
 
 ARGS = ["--dataset=ex", "--device=cpu", "--block_size=16", "--batch_size=2", "--n_layer=2",

@@ -12,19 +12,9 @@ import torch
 import common
 import train
 from checkpoint import CKPT_VERSION, load_checkpoint, save_checkpoint
-from conftest import run_script
+from conftest import TINY, make_char_dataset, read_log, run_script, step_losses
 from data import ExampleWriter, Examples, TokenWindows
-from test_train import TINY, make_char_dataset, read_log, step_losses
 from tokenizer import VocabTokenizer, save_meta
-
-
-@pytest.fixture
-def tiny_data(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_char_dataset(tmp_path)
-    return tmp_path
-
-
 def weights(out_dir: str, name: str = "ckpt.pt") -> dict:
     return load_checkpoint(os.path.join(out_dir, name))["model"]
 

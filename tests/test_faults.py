@@ -12,17 +12,7 @@ import torch
 import checkpoint
 import train
 from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from conftest import ROOT
-from test_train import TINY, make_char_dataset, read_log
-
-
-@pytest.fixture
-def tiny_data(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_char_dataset(tmp_path)
-    return tmp_path
-
-
+from conftest import ROOT, TINY, read_log
 def wait_for(predicate, timeout=60.0):
     deadline = time.time() + timeout
     while time.time() < deadline:

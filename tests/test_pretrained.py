@@ -14,11 +14,10 @@ import sft
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, run_script
-from data import BinWriter
 from prepare.sft import build_sft_dataset
+from prepare.text import main as prepare_text
 from test_convert import CORPUS, save_hf_model
 from test_sft import chat_records
-from tokenizer import from_meta, save_meta
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,14 +32,10 @@ def llama_folder(tmp_path, monkeypatch):
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                       max_position_embeddings=64, tie_word_embeddings=False)
     save_hf_model(transformers.LlamaForCausalLM(config), "hf", "qwen2")
-    meta = convert.tokenizer_meta("hf")
-    tok = from_meta(meta)
-    ids = tok.encode(CORPUS * 3)
-    for split, part in (("train", ids[: int(0.9 * len(ids))]), ("val", ids[int(0.9 * len(ids)):])):
-        w = BinWriter(f"data/corpus/{split}.bin", tok.vocab_size)
-        w.write(part)
-        w.close()
-    save_meta("data/corpus", meta)
+    with open("corpus.txt", "w", encoding="utf-8") as f:
+        f.write((CORPUS + "\n\n") * 6)
+    prepare_text(["--input", "corpus.txt", "--name", "corpus", "--tokenizer", "hf", "--val_fraction",
+                  "0.2", "--workers", "1", "--chunk_size", "1000"])
     return tmp_path
 
 

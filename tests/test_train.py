@@ -10,37 +10,8 @@ import torch
 
 import train
 from common import ConfigError, load_config, load_model
-from conftest import ROOT, write_char_dataset
+from conftest import ROOT, TINY, make_char_dataset, read_log
 from data import DataError
-
-TEXT = ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\n"
-        "First Citizen:\nYou are all resolved rather to die than to famish?\n") * 40
-
-TINY = ["--dataset=tiny", "--device=cpu", "--block_size=32", "--batch_size=4", "--n_layer=2",
-        "--n_head=2", "--n_embd=32", "--eval_iters=2", "--log_interval=1", "--warmup_iters=2",
-        "--learning_rate=3e-3", "--min_lr=3e-4"]
-
-
-def make_char_dataset(root, name="tiny", text=TEXT):
-    """data/<name> under root, split 90/10."""
-    return write_char_dataset(os.path.join(root, "data", name), text, len(text) - int(0.9 * len(text)))
-
-
-@pytest.fixture
-def tiny_data(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    make_char_dataset(tmp_path)
-    return tmp_path
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def step_losses(out_dir):
-    return [(r["iter"], r["train_loss"]) for r in read_log(out_dir) if "lr" in r]
-
 
 def test_short_run_writes_checkpoint_log_and_config(tiny_data):
     summary = train.main(TINY + ["--max_iters=20", "--eval_interval=10", "--out_dir=weight/a"])
