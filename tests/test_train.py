@@ -158,3 +158,17 @@ def test_cpu_runtime_keeps_freed_memory_on_glibc():
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
     assert keep_freed_memory() is expected  # idempotent: every setup_runtime call may repeat it
+
+
+def test_the_token_scan_is_kept_and_redone_when_the_bin_changes(tiny_data):
+    """check_tokens reads a whole .bin once; later starts read the kept result, unless the
+    file changed since (size or modification time)."""
+    from data import check_tokens
+    check_tokens("data/tiny", "train", 33)
+    assert json.load(open("data/tiny/train.bin.max.json"))["max_id"] < 33
+    ids = np.fromfile("data/tiny/train.bin", dtype=np.uint16)
+    ids[5] = 40
+    ids.tofile("data/tiny/train.bin")
+    os.utime("data/tiny/train.bin", ns=(1, 1))  # a new mtime even within the clock's resolution
+    with pytest.raises(DataError, match="token id 40"):
+        check_tokens("data/tiny", "train", 33)
