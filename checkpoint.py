@@ -11,10 +11,15 @@ which checkpoint serves which purpose.
 sample.py, export.py, serve.py and sft.py's `base` read a run folder's best.pt when it exists,
 else its ckpt.pt (weights_path); a path to a .pt file reads that file. Neither file is ever
 written holding non-finite weights (train.py checks before saving).
+
+A LoRA run's files hold only its adapters, with `lora_base`: {"path", "sha256"} naming the base
+they were trained on and the hash of its weights. load_model and plain_checkpoint read the base
+again from that path and refuse it when its weights changed since.
 """
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import os
 
 import torch
@@ -133,10 +138,85 @@ def gpt_config(source, **changes):
 
 def load_model(source: str, device: str = "cpu"):
     """(model in eval mode, checkpoint dict) from a run folder (best.pt, else ckpt.pt), a
-    checkpoint file, a Hugging Face folder or a GPT-2 name (convert.py reads those two)."""
+    checkpoint file, a Hugging Face folder or a GPT-2 name (convert.py reads those two). A LoRA
+    run comes with its base, adapters beside it (unmerged, as trained)."""
     from convert import pretrained_checkpoint
     from model import GPT
     ckpt = pretrained_checkpoint(source)
-    model = GPT(gpt_config(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("lora_base"):
+        model = lora_model(ckpt, source)
+    else:
+        model = GPT(gpt_config(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
+
+
+# ----------------------------------------------------------------------------- LoRA runs
+
+def weights_hash(state: dict) -> str:
+    """sha256 of a state dict (names, dtypes, shapes, bytes): the identity of a LoRA base,
+    whatever file or folder format it came from."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key} {t.dtype} {tuple(state[key].shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def base_model(base: dict, config, new_ids: range):
+    """The plain model a fine-tune starts from: base's weights (a checkpoint dict), learned
+    positions cut to config.block_size, the vocabulary grown to config.vocab_size (new_ids at
+    the mean row), dropout and attn_impl from config. train.py and sft.py build the base this
+    way, and a LoRA run's base is rebuilt this way when it loads."""
+    from model import GPT, grow_vocab
+    plain = dataclasses.replace(config, vocab_size=base["model_config"]["vocab_size"], lora_rank=0,
+                                lora_new_tokens_from=0)
+    state = dict(base["model"])
+    if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
+        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size]
+    model = GPT(plain)
+    model.load_state_dict(state)
+    return grow_vocab(model, config.vocab_size, new_ids)
+
+
+def base_reference(path: str, base: dict) -> dict:
+    """What a LoRA checkpoint records of its base: the path it was read from and its hash."""
+    return {"path": path, "sha256": weights_hash(base["model"])}
+
+
+def check_base(ref: dict, base: dict, where: str) -> None:
+    now = weights_hash(base["model"])
+    if now != ref["sha256"]:
+        raise CheckpointError(f"{where}: its LoRA base {ref['path']} changed since the adapters were trained "
+                              f"(sha256 {ref['sha256'][:12]} then, {now[:12]} now); put that base back, or "
+                              "train new adapters on this one in another out_dir")
+
+
+def lora_model(ckpt: dict, where: str):
+    """A LoRA run's model: its base read again from lora_base's path (refused when its weights
+    changed) with the checkpoint's adapters beside it."""
+    from convert import GPT2_NAMES
+    from model import add_adapters
+    ref = ckpt["lora_base"]
+    if ref["path"] not in GPT2_NAMES and not os.path.exists(ref["path"]):
+        raise CheckpointError(f"{where} holds LoRA adapters of the base {ref['path']}, which is not there; "
+                              "run from the folder it was trained in, or put the base back at that path")
+    base = plain_checkpoint(ref["path"])
+    check_base(ref, base, where)
+    config = gpt_config(ckpt["model_config"])
+    new_ids = range(base["tokenizer"]["vocab_size"], ckpt["tokenizer"]["vocab_size"])
+    return add_adapters(base_model(base, config, new_ids), config, ckpt["model"])
+
+
+def plain_checkpoint(source: str) -> dict:
+    """convert.pretrained_checkpoint(source), with a LoRA run's adapters merged into its base:
+    the checkpoint of a plain model (export.py, sft.py's base, train.py's init_from)."""
+    from convert import pretrained_checkpoint
+    ckpt = pretrained_checkpoint(source)
+    if not ckpt.get("lora_base"):
+        return ckpt
+    model = lora_model(ckpt, source).merged()
+    ckpt.update(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
+                merged_from=ckpt.pop("lora_base"))
+    return ckpt

@@ -3,6 +3,7 @@ Publish a run: a Hugging Face folder (transformers loads it) or an ONNX file (on
 
     python export.py --out_dir=weight/<run> --format=hf --dest=DIR
     python export.py --out_dir=weight/<run> --format=onnx --dest=DIR
+    python export.py --out_dir=weight/<lora_run> --merge --dest=weight/<merged_run>
 
 hf writes config.json, model.safetensors, generation_config.json, the tokenizer files and a
 model card (README.md: the architecture, the training config, the figures in log.jsonl).
@@ -11,6 +12,9 @@ Qwen2ForCausalLM for q/k/v-only biases); convert.py holds the mapping. onnx writ
 DIR/model.onnx, token ids (batch, length) -> logits, both axes dynamic, and reports success only
 after onnxruntime has reproduced PyTorch's logits on inputs of other shapes than the traced one.
 --out_dir may also be a Hugging Face folder or a gpt2 name (to convert one to ONNX).
+A LoRA run (adapters + a reference to its base) exports as the merged model: --merge writes it as
+a plain danlu run (DEST/ckpt.pt, weights only, the adapters folded in), hf and onnx export it.
+Mixture-of-experts runs have no Hugging Face class here: hf refuses them.
 """
 import dataclasses
 import json
@@ -23,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from common import ConfigError, cli, load_config
-from checkpoint import gpt_config
-from convert import ConvertError, hf_architecture, pretrained_checkpoint, save_hf
+from checkpoint import gpt_config, plain_checkpoint, save_checkpoint
+from convert import ConvertError, hf_architecture, save_hf
 from model import GPT, check_settings, setting
 from tokenizer import from_meta
 
@@ -35,6 +39,7 @@ class ExportConfig:
     format: str = setting("hf", choices=("hf", "onnx"))
     dest: str = ""  # the folder to write into (created when missing)
     onnx_atol: float = setting(1e-4, above=0.0)  # largest |onnxruntime - PyTorch| logit accepted
+    merge: bool = False  # write a plain danlu run (LoRA adapters folded in) instead of --format
 
     def __post_init__(self):
         check_settings(self)
@@ -160,6 +165,24 @@ def export_onnx(model: GPT, dest: str, atol: float) -> tuple[str, float]:
     return os.path.join(dest, "model.onnx"), worst
 
 
+# ----------------------------------------------------------------------------- merged run
+
+def write_merged(cfg: ExportConfig, ckpt: dict, t0: float) -> dict:
+    """DEST/ckpt.pt: a plain run of the merged weights that sample.py, serve.py, export.py and
+    --init_from read like any other (no optimizer state: it is not resumed)."""
+    if "merged_from" not in ckpt:
+        raise ConfigError(f"--merge: {cfg.out_dir} is not a LoRA run (it has no adapters to fold in); "
+                          "export it with --format=hf|onnx", "merge")
+    if os.path.abspath(cfg.dest) == os.path.abspath(cfg.out_dir):
+        raise ConfigError(f"--dest={cfg.dest} is the LoRA run itself; give a new folder (weight/<merged_run>)", "dest")
+    keep = ("model", "model_config", "train_config", "tokenizer", "iter_num", "best_val_loss", "merged_from")
+    path = os.path.join(cfg.dest, "ckpt.pt")
+    save_checkpoint(path, {k: ckpt[k] for k in keep if k in ckpt})
+    print(f"wrote {path} ({time.perf_counter() - t0:.1f}s): {cfg.out_dir}'s adapters merged into "
+          f"{ckpt['merged_from']['path']}")
+    return {"path": path}
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def main(argv=None) -> dict:
@@ -168,9 +191,14 @@ def main(argv=None) -> dict:
         raise ConfigError("export.py needs --out_dir=weight/<run> (the run to export) and --dest=DIR "
                           "(the folder to write)")
     t0 = time.perf_counter()
-    ckpt = pretrained_checkpoint(cfg.out_dir)
+    ckpt = plain_checkpoint(cfg.out_dir)  # a LoRA run: its base with the adapters merged
     from_meta(ckpt["tokenizer"])  # a tokenizer that does not load is an error before writing
     config = gpt_config(ckpt["model_config"])
+    if cfg.merge:
+        return write_merged(cfg, ckpt, t0)
+    if cfg.format == "hf" and config.n_expert:
+        raise ConvertError(f"{cfg.out_dir}: n_expert = {config.n_expert} (a mixture of experts) has no "
+                           "Hugging Face class danlu exports to; use --format=onnx, or sample it with sample.py")
     os.makedirs(cfg.dest, exist_ok=True)
     if cfg.format == "onnx":
         model = GPT(dataclasses.replace(config, dropout=0.0))

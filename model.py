@@ -4,10 +4,13 @@ The danlu GPT: a decoder-only transformer written out by hand, with a KV cache a
 The default GPTConfig is the GPT-2 layout (learned positions, LayerNorm, GELU MLP, tied
 embeddings), so runs compare directly with nanoGPT. Each switch in GPTConfig is a separate,
 tested code path: rotary positions, RMSNorm, SwiGLU / ReLU^2 MLPs, grouped-query attention,
-QK-norm, untied head. Nothing here knows about data, files or training loops.
+QK-norm, untied head, LoRA adapters, a mixture-of-experts MLP. Nothing here knows about data,
+files or training loops.
 References: GPT-2 (Radford et al. 2019), RoFormer (Su et al. 2021), GQA (Ainslie et al. 2023),
-GLU variants (Shazeer 2020), Primer's ReLU^2 (So et al. 2021), QK-norm (Henry et al. 2020).
+GLU variants (Shazeer 2020), Primer's ReLU^2 (So et al. 2021), QK-norm (Henry et al. 2020),
+LoRA (Hu et al. 2021), Switch Transformer (Fedus et al. 2021), DeepSeekMoE (Dai et al. 2024).
 """
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
@@ -20,6 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 # Decoding changes the key length every step; cuDNN attention builds a new plan for each new
 # length, which made bf16 generation on an H100 ~20x slower (17-26 tok/s). Decode without it.
 DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Where LoRA adapters may sit: attention's q, k, v projections (slices of the fused c_attn) and
+# output (o), the MLP's input and output, and the vocabulary head.
+LORA_TARGETS = ("q", "k", "v", "o", "mlp_in", "mlp_out", "head")
 
 
 class ConfigError(ValueError):
@@ -82,15 +88,93 @@ class GPTConfig:
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     logit_softcap: float = setting(0.0, lo=0.0)  # >0: logits = c * tanh(logits / c)
     attn_impl: str = setting("sdpa", choices=("sdpa", "math"))  # math: plain matmul-softmax
+    # LoRA: a trainable low-rank update beside each targeted Linear; everything else is frozen
+    lora_rank: int = setting(0, lo=0)  # 0: no adapters
+    lora_alpha: float = setting(16.0, above=0.0)  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = setting(0.0, lo=0.0, below=1.0)  # on the adapters' input only
+    lora_targets: str = "q,k,v,o,mlp_in,mlp_out"  # comma-separated, from LORA_TARGETS
+    lora_new_tokens_from: int = setting(0, lo=0)  # ids >= this (tokens the base lacks, e.g. chat
+    # tokens) train their embedding (and head) rows beside the adapters; 0: none. sft.py sets it.
+    # mixture of experts: n_expert MLPs of width mlp_hidden per block, moe_top_k of them per token
+    n_expert: int = setting(0, lo=0)  # 0: the dense MLP
+    moe_top_k: int = setting(2, lo=1)
+    moe_shared_expert: bool = setting(False, choices=(False, True))  # one more expert every token uses
+    moe_router: str = setting("softmax", choices=("softmax", "sigmoid"))
+    moe_aux_weight: float = setting(0.01, lo=0.0)  # weight of the load-balancing loss in training
 
     def __post_init__(self):
         check_settings(self)
+        unknown = [t for t in self.lora_target_set() if t not in LORA_TARGETS]
+        if unknown or (self.lora_rank and not self.lora_target_set()):
+            raise ConfigError(f"lora_targets = {self.lora_targets!r}: {'unknown target ' + repr(unknown[0]) if unknown else 'empty'}; "
+                              f"give a comma-separated list from {','.join(LORA_TARGETS)}", "lora_targets")
+        if self.n_expert and self.moe_top_k > self.n_expert:
+            raise ConfigError(f"moe_top_k = {self.moe_top_k} is more than n_expert = {self.n_expert}; "
+                              "each token picks moe_top_k of the experts", "moe_top_k")
         kv = self.n_kv_head or self.n_head
         if self.n_embd % self.n_head or self.n_head % kv:
             raise ConfigError(f"n_embd ({self.n_embd}) must divide by n_head ({self.n_head}) and "
                               f"n_head by n_kv_head ({kv})")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ConfigError("rope needs an even head size (n_embd / n_head)")
+
+    def lora_target_set(self) -> set[str]:
+        return {t.strip() for t in self.lora_targets.split(",") if t.strip()}
+
+
+def is_adapter(name: str) -> bool:
+    """A parameter (or state dict key) that LoRA trains: an adapter or a new token's rows."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+class LoRALinear(nn.Linear):
+    """nn.Linear plus low-rank updates on slices of its output (LoRA, Hu et al. 2021): columns
+    start:stop of part p get scale * B_p A_p dropout(x), scale = alpha / rank. A starts random
+    and B at zero, so a new adapter changes nothing until it trains. A fused Linear holds one
+    update per part: c_attn's q, k, v slices (or swiglu's gate and up halves) each get their
+    own, exactly as separate projections (Llama's q_proj, k_proj, v_proj) would."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, parts: dict[str, tuple[int, int]],
+                 rank: int, alpha: float, dropout: float):
+        super().__init__(in_features, out_features, bias=bias)
+        self.parts, self.scale = parts, alpha / rank
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(rank, in_features)) for n in parts})
+        self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(b - a, rank)) for n, (a, b) in parts.items()})
+        self.lora_dropout = nn.Dropout(dropout)
+        self.reset_adapters()
+
+    def reset_adapters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)  # nn.Linear's own initial range
+        for name in self.parts:
+            nn.init.uniform_(self.lora_A[name], -bound, bound)
+            nn.init.zeros_(self.lora_B[name])
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = super().forward(x)  # (..., out)
+        h = self.lora_dropout(x)
+        for name, (start, stop) in self.parts.items():
+            delta = (h @ self.lora_A[name].t()) @ self.lora_B[name].t() * self.scale  # (..., stop - start)
+            y = y + F.pad(delta, (start, self.out_features - stop))
+        return y
+
+    def merged_weight(self) -> Tensor:
+        """The weight with every update folded in: W[start:stop] += scale * B A."""
+        w = self.weight.detach().clone()
+        for name, (start, stop) in self.parts.items():
+            w[start:stop] += self.scale * (self.lora_B[name] @ self.lora_A[name]).detach().to(w.dtype)
+        return w
+
+
+def make_linear(config: GPTConfig, in_features: int, out_features: int, bias: bool,
+                parts: dict[str, tuple[str, int, int]]) -> nn.Linear:
+    """nn.Linear, or a LoRALinear with an update on each part (name -> (target, start, stop)
+    of the output) whose target config.lora_targets names."""
+    targets = config.lora_target_set() if config.lora_rank else set()
+    chosen = {name: (a, b) for name, (target, a, b) in parts.items() if target in targets}
+    if not chosen:
+        return nn.Linear(in_features, out_features, bias=bias)
+    return LoRALinear(in_features, out_features, bias, chosen, config.lora_rank, config.lora_alpha,
+                      config.lora_dropout)
 
 
 class Norm(nn.Module):
@@ -147,9 +231,10 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head or config.n_head
         self.head_size = config.n_embd // config.n_head
         # one fused projection for q, k, v; with GQA k and v have fewer heads than q
-        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_size
-        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias or config.qkv_bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        q_dim, kv_dim = self.n_head * self.head_size, self.n_kv_head * self.head_size
+        qkv = {"q": ("q", 0, q_dim), "k": ("k", q_dim, q_dim + kv_dim), "v": ("v", q_dim + kv_dim, q_dim + 2 * kv_dim)}
+        self.c_attn = make_linear(config, config.n_embd, q_dim + 2 * kv_dim, config.bias or config.qkv_bias, qkv)
+        self.c_proj = make_linear(config, config.n_embd, config.n_embd, config.bias, {"o": ("o", 0, config.n_embd)})
         self.q_norm = Norm(self.head_size, "rmsnorm") if config.qk_norm else None
         self.k_norm = Norm(self.head_size, "rmsnorm") if config.qk_norm else None
         self.dropout = config.dropout
@@ -210,8 +295,11 @@ class MLP(nn.Module):
             # three matrices instead of two: shrink the hidden width to keep the parameters equal
             hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64)
         fc_out = 2 * hidden if self.kind == "swiglu" else hidden  # swiglu: gate and value fused
-        self.c_fc = nn.Linear(config.n_embd, fc_out, bias=config.bias)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        # swiglu's halves are Llama's gate_proj and up_proj: one adapter each, as there
+        fc_parts = ({"gate": ("mlp_in", 0, hidden), "up": ("mlp_in", hidden, fc_out)} if self.kind == "swiglu"
+                    else {"mlp_in": ("mlp_in", 0, hidden)})
+        self.c_fc = make_linear(config, config.n_embd, fc_out, config.bias, fc_parts)
+        self.c_proj = make_linear(config, hidden, config.n_embd, config.bias, {"mlp_out": ("mlp_out", 0, config.n_embd)})
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -228,6 +316,53 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(h))
 
 
+class MoE(nn.Module):
+    """A mixture of experts in the MLP's place: a router scores n_expert MLPs per token, the
+    token goes through its top_k and their outputs are summed, weighted by the gates. Dropless:
+    every expert takes all the tokens routed to it, however many (no capacity, nothing
+    dropped), so a token's output never depends on the rest of the batch. An optional shared
+    expert sees every token (DeepSeekMoE). The router's probabilities and choices of the last
+    forward stay in probs / chosen for the load-balancing loss (GPT.balance_loss)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_expert, self.top_k, self.kind = config.n_expert, config.moe_top_k, config.moe_router
+        self.router = nn.Linear(config.n_embd, config.n_expert, bias=False)
+        self.experts = nn.ModuleList([MLP(config) for _ in range(config.n_expert)])
+        self.shared = MLP(config) if config.moe_shared_expert else None
+        self.probs = self.chosen = None
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (N, C) -> gates (N, k), chosen experts (N, k), probabilities (N, E)."""
+        logits = self.router(x).float()  # (N, E)
+        if self.kind == "softmax":  # Switch / DeepSeek-V2: the gates are the top-k probabilities
+            probs = F.softmax(logits, dim=-1)
+            gates, chosen = probs.topk(self.top_k, dim=-1)
+        else:  # DeepSeek-V3: independent sigmoid affinities, gates normalised over the chosen
+            scores = torch.sigmoid(logits)
+            top, chosen = scores.topk(self.top_k, dim=-1)
+            gates, probs = top / top.sum(-1, keepdim=True), scores / scores.sum(-1, keepdim=True)
+        return gates, chosen, probs
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, C = x.size()
+        flat = x.reshape(-1, C)  # (N, C)
+        gates, chosen, probs = self.route(flat)
+        # Sort the N * k (token, expert) slots by expert: each expert runs once on its rows.
+        # Every expert runs, also on zero rows, so each parameter is in the graph (DDP needs that).
+        slots = chosen.reshape(-1)  # (N*k,)
+        order = slots.argsort(stable=True)
+        token = order // self.top_k  # the token of each sorted slot
+        counts = torch.bincount(slots, minlength=self.n_expert).tolist()
+        out = torch.cat([expert(rows) for expert, rows in zip(self.experts, flat[token].split(counts))])
+        out = out * gates.reshape(-1)[order, None].to(out.dtype)  # (N*k, C)
+        y = torch.zeros_like(flat).index_add_(0, token, out)  # each token: the sum of its k experts
+        if self.shared is not None:
+            y = y + self.shared(flat)
+        self.probs, self.chosen = probs.view(B, T, -1), chosen.view(B, T, -1)
+        return y.view(B, T, C)
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -236,7 +371,7 @@ class Block(nn.Module):
         self.ln_1 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config) if config.n_expert else MLP(config)
 
     def forward(self, x: Tensor, rope=None, cache=None, pos: int = 0) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, pos)
@@ -260,9 +395,18 @@ class GPT(nn.Module):
             cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = make_linear(config, config.n_embd, config.vocab_size, False,
+                                   {"head": ("head", 0, config.vocab_size)})
         if config.tie_embeddings:
             self.transformer.wte.weight = self.lm_head.weight  # weight tying (Press & Wolf 2017)
+        # LoRA: the rows of tokens new to the base (chat tokens) would stay frozen at their
+        # initial mean, alike for every new token; these deltas (zero at first) let them train
+        new = config.vocab_size - config.lora_new_tokens_from
+        if config.lora_rank and config.lora_new_tokens_from and new > 0:
+            self.lora_wte = nn.Parameter(torch.zeros(new, config.n_embd))
+            if not config.tie_embeddings:  # tied: the head's rows move with the embedding's
+                self.lora_head = nn.Parameter(torch.zeros(new, config.n_embd))
+        self.aux_loss = None  # MoE: the load-balancing loss of the last forward with targets
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
         # variance does not grow with depth
@@ -276,6 +420,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
+            if isinstance(module, LoRALinear):
+                module.reset_adapters()
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
@@ -292,10 +438,78 @@ class GPT(nn.Module):
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention's
-        q k^T and att v, 12 * n_layer * n_embd * seq_len (PaLM appendix B)."""
+        q k^T and att v, 12 * n_layer * n_embd * seq_len (PaLM appendix B). MoE: only the
+        top_k experts a token uses count."""
         cfg = self.config
         T = seq_len or cfg.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * cfg.n_layer * cfg.n_embd * T
+        active = self.num_params(non_embedding=True)
+        if cfg.n_expert:
+            expert = sum(p.numel() for p in self.transformer.h[0].mlp.experts[0].parameters())
+            active -= cfg.n_layer * (cfg.n_expert - cfg.moe_top_k) * expert
+        return 6 * active + 12 * cfg.n_layer * cfg.n_embd * T
+
+    # ------------------------------------------------------------------ LoRA
+
+    def adapter_state(self) -> dict:
+        """The tensors a LoRA run trains and saves (the base is frozen and referenced)."""
+        return {k: v for k, v in self.state_dict().items() if is_adapter(k)}
+
+    def freeze_base(self) -> tuple[int, int]:
+        """Only adapters train; returns (trainable, total) parameter counts."""
+        for name, p in self.named_parameters():
+            p.requires_grad = is_adapter(name)
+        return sum(p.numel() for p in self.parameters() if p.requires_grad), self.num_params(False)
+
+    def new_token_rows(self, idx: Tensor, rows: Tensor) -> Tensor:
+        """rows[id - lora_new_tokens_from] for ids at or above it, zero below: (B, T, C)."""
+        start = self.config.lora_new_tokens_from
+        picked = F.embedding((idx - start).clamp(min=0), rows)
+        return picked * (idx >= start).unsqueeze(-1).to(picked.dtype)
+
+    @torch.no_grad()
+    def merged(self) -> "GPT":
+        """A plain model (lora_rank 0) computing what this one does, adapters folded into the
+        weights. An adapted head on a tied embedding unties them (the embedding keeps its rows)."""
+        cfg = self.config
+        head_adapted = isinstance(self.lm_head, LoRALinear)
+        plain = dataclasses.replace(cfg, lora_rank=0, lora_new_tokens_from=0,
+                                    tie_embeddings=cfg.tie_embeddings and not head_adapted)
+        state = {k: v.clone() for k, v in self.state_dict().items() if not is_adapter(k)}
+        for name, module in self.named_modules():
+            if isinstance(module, LoRALinear):
+                state[name + ".weight"] = module.merged_weight()
+        start = cfg.lora_new_tokens_from
+        if hasattr(self, "lora_wte"):
+            state["transformer.wte.weight"][start:] += self.lora_wte
+            head_rows = self.lora_wte if cfg.tie_embeddings else self.lora_head
+            state["lm_head.weight"][start:] += head_rows
+        if plain.tie_embeddings:
+            state["lm_head.weight"] = state["transformer.wte.weight"]
+        model = GPT(plain)
+        model.load_state_dict(state)
+        return model.to(self.lm_head.weight.device)
+
+    # ------------------------------------------------------------------ MoE
+
+    def balance_loss(self, mask: Tensor, reduction: str) -> Tensor:
+        """The load-balancing loss of the last forward (Switch Transformer, per sequence as in
+        DeepSeek-V3): per row, E * sum_e f_e P_e over the positions whose loss counts (mask
+        (B, T), their weights), f_e the share of the row's top-k slots expert e took and P_e its
+        mean router probability; 1 when balanced, E when one expert takes everything; averaged
+        over layers. "sum" weighs each row by its count, like the cross-entropy sum, so the
+        training loop's division by the step's target count makes it a mean per target that
+        micro-batching and processes do not change; "mean" divides by the count here."""
+        E, k = self.config.n_expert, self.config.moe_top_k
+        mask = mask.float()
+        n = mask.sum(1)  # (B,)
+        total = torch.zeros((), device=mask.device)
+        for block in self.transformer.h:
+            picked = F.one_hot(block.mlp.chosen, E).sum(2).float()  # (B, T, E)
+            f = (mask.unsqueeze(-1) * picked).sum(1) / (k * n.clamp(min=1e-8)).unsqueeze(-1)  # (B, E)
+            P = (mask.unsqueeze(-1) * block.mlp.probs).sum(1) / n.clamp(min=1e-8).unsqueeze(-1)  # (B, E)
+            total = total + (E * (f * P).sum(1) * n).sum()
+        total = total / self.config.n_layer
+        return total if reduction == "sum" else total / n.sum().clamp(min=1e-8)
 
     # ------------------------------------------------------------------ forward
 
@@ -306,6 +520,8 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {pos + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
+        if hasattr(self, "lora_wte"):
+            x = x + self.new_token_rows(idx, self.lora_wte)
         rope = None
         if self.config.pos_emb == "learned":
             x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
@@ -318,6 +534,9 @@ class GPT(nn.Module):
 
     def head(self, x: Tensor) -> Tensor:
         logits = self.lm_head(x)  # (B, T, vocab_size)
+        if hasattr(self, "lora_wte"):  # the new tokens' trained rows of the head
+            rows = self.lora_wte if self.config.tie_embeddings else self.lora_head
+            logits = logits + F.pad(x @ rows.t(), (self.config.lora_new_tokens_from, 0))
         if self.config.logit_softcap > 0:
             c = self.config.logit_softcap
             logits = c * torch.tanh(logits / c)
@@ -332,10 +551,15 @@ class GPT(nn.Module):
         loss_only (the training loop
         on example datasets) returns logits None and applies the head only at the positions that
         count: in SFT most positions are prompt or padding, and with a 50k vocabulary the head is
-        most of a small model's work. Finding those positions costs one host sync."""
+        most of a small model's work. Finding those positions costs one host sync.
+        An MoE model leaves its load-balancing loss, reduced the same way, in self.aux_loss
+        (not in the returned loss: that is the cross-entropy evaluations compare)."""
         h = self.body(idx)
         if targets is None:
             return self.head(h), None
+        if self.config.n_expert:
+            counted = (targets != -1) if weights is None else weights
+            self.aux_loss = self.balance_loss(counted, reduction)
         targets = targets.reshape(-1)
         w = None if weights is None else weights.reshape(-1).float()
         if loss_only:
@@ -400,6 +624,43 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
                                         stop_tokens, use_cache, generator))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:
+    """The same model with vocab_size rows in wte and lm_head (tied or not). Rows of new_ids
+    (which may include the old padding rows) start at the mean of the trained rows below
+    new_ids.start, so a new token begins as an 'average' token rather than a random one;
+    every other row is kept, so logits of old tokens do not change."""
+    old = model.config.vocab_size
+    if vocab_size <= old and len(new_ids) == 0:
+        return model
+    grown = GPT(dataclasses.replace(model.config, vocab_size=max(old, vocab_size)))
+    state = model.state_dict()
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        w = state[key]  # (old, C); with tied embeddings both keys hold the same matrix
+        mean = w[:new_ids.start].mean(dim=0)
+        rows = torch.cat([w, mean.expand(grown.config.vocab_size - old, -1)])
+        rows[new_ids.start:new_ids.stop] = mean
+        state[key] = rows
+    grown.load_state_dict(state)
+    return grown
+
+
+
+def add_adapters(model: GPT, config: GPTConfig, adapters: dict | None = None) -> GPT:
+    """A model of config (model's, plus lora_* keys) holding model's weights, frozen, with LoRA
+    adapters: adapters' tensors (a LoRA checkpoint's) or new ones (A random, B zero)."""
+    lora = GPT(config).to(model.lm_head.weight.device)
+    missing, unexpected = lora.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or not all(is_adapter(k) for k in missing):
+        raise ValueError(f"add_adapters: the base does not fit config ({unexpected[:2] or missing[:2]})")
+    if adapters is not None:
+        if sorted(adapters) != sorted(missing):
+            wrong = sorted(set(adapters) ^ set(missing))
+            raise ValueError(f"the adapters do not fit this model's lora_targets ({wrong[:3]}...)")
+        lora.load_state_dict(adapters, strict=False)
+    lora.freeze_base()
+    return lora
 
 
 def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -14,6 +14,11 @@ Re-running the same command continues an interrupted run exactly (init_from = au
 holds a ckpt.pt of the same base and dataset); --init_from=scratch starts over from the base,
 --init_from=resume insists on continuing. The keys mean what they mean in train.py; the
 pretrained run is `base`.
+
+    python sft.py config/sft_alpaca_lora.py        # LoRA: --lora_rank=R, the base frozen
+
+With lora_rank > 0 only the adapters (and the rows of the new chat tokens) train; ckpt.pt and
+best.pt hold just those, the LoRA keys and the base's path and weights hash.
 """
 import dataclasses
 import os
@@ -22,14 +27,13 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import gpt_config
+from checkpoint import CheckpointError, base_model, base_reference, gpt_config, plain_checkpoint
 from common import ConfigError, cli, load_config, print0, setup_runtime
-from convert import pretrained_checkpoint
 from data import dataset_dir
-from model import GPT, GPTConfig, setting
+from model import GPT, GPTConfig, add_adapters, grow_vocab, setting  # noqa: F401  (grow_vocab: tests use sft's)
 from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation, same_base
-from train import (TRAINING_ONLY, TrainConfig, grow_vocab, make_loaders, model_config_for,
-                   prepare_run, resume_state, train)
+from train import (LORA_KEYS, TRAINING_ONLY, TrainConfig, add_lora, make_loaders, model_config_for,
+                   prepare_run, report_trainable, resume_state, train)
 
 
 @dataclass
@@ -79,7 +83,7 @@ def sft_model_config(cfg: SFTConfig, saved: dict, vocab_size: int) -> GPTConfig:
     cfg is updated to the architecture actually trained, so config.json and ckpt.pt tell the truth."""
     defaults = SFTConfig()
     for f in dataclasses.fields(GPTConfig):
-        if f.name in TRAINING_ONLY or f.name not in saved:
+        if f.name in TRAINING_ONLY + LORA_KEYS or f.name not in saved:
             continue
         mine = getattr(cfg, f.name)
         want = max(saved[f.name], vocab_size) if f.name == "vocab_size" else saved[f.name]
@@ -120,26 +124,34 @@ def sample_replies(prompts: list[str], tok, cfg: SFTConfig, run):
 
 
 def start_model(cfg: SFTConfig, run, model_cfg: GPTConfig, pretrained: dict, new_ids: range):
-    """(model, state): out_dir's SFT checkpoint and its state when resuming, else the pretrained
-    model with its vocabulary grown and no state."""
+    """(model, state, LoRA base reference or None): out_dir's SFT checkpoint and its state when
+    resuming, else the pretrained model with its vocabulary grown (and new adapters) and no
+    state. A LoRA run resumes only on the base whose weights it was trained on."""
     state = resume_state(cfg, run, model_cfg)
+    reference = base_reference(cfg.base, pretrained) if cfg.lora_rank else None
     if state is not None:
         was = state["train_config"]
         if was.get("base") != cfg.base:
             raise ConfigError(f"{cfg.out_dir} holds an SFT run of {was.get('base')}, not of "
                               f"{cfg.base}; pick another out_dir, or --init_from=scratch to start it over")
-        model = GPT(model_cfg)
-        model.load_state_dict(state.pop("model"))
+        if reference is not None and reference["sha256"] != state["lora_base"]["sha256"]:
+            raise CheckpointError(f"{cfg.out_dir} holds LoRA adapters of an earlier {cfg.base} (its weights "
+                                  "changed since); put that base back, or --init_from=scratch to train new "
+                                  "adapters on this one")
+        if reference is not None:
+            model = add_adapters(base_model(pretrained, model_cfg, new_ids), model_cfg, state.pop("model"))
+            report_trainable(model)
+        else:
+            model = GPT(model_cfg)
+            model.load_state_dict(state.pop("model"))
         print0(f"resuming {cfg.out_dir}/ckpt.pt at iter {state['iter_num']} of {cfg.max_iters}")
-        return model, state
-    model = GPT(gpt_config(model_cfg, vocab_size=pretrained["model_config"]["vocab_size"]))
-    state = pretrained["model"]
-    if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
-        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:model_cfg.block_size]
-    model.load_state_dict(state)
+        return model, state, reference
+    model = base_model(pretrained, model_cfg, new_ids)
     print0(f"from {cfg.base} (iter {pretrained.get('iter_num')}); "
            f"new token ids {list(new_ids) or 'none'}, vocab_size {model_cfg.vocab_size}")
-    return grow_vocab(model, model_cfg.vocab_size, new_ids), None
+    if reference is not None:
+        model = add_lora(model, cfg, new_ids)
+    return model, None, reference
 
 
 def main(argv=None) -> dict:
@@ -156,10 +168,12 @@ def main(argv=None) -> dict:
     if cfg.out_dir and os.path.abspath(cfg.out_dir) == os.path.abspath(cfg.base):
         raise ConfigError(f"out_dir = {cfg.out_dir} is the base run itself; SFT writes a new run: "
                           "give another out_dir (e.g. weight/sft_<name>)", "out_dir")
-    pretrained = pretrained_checkpoint(cfg.base)  # a danlu run, a Hugging Face folder or a gpt2 name
+    pretrained = plain_checkpoint(cfg.base)  # a danlu run (LoRA: merged), a Hugging Face folder or a gpt2 name
     new_ids = check_tokenizer(pretrained["tokenizer"], meta, cfg.base, data_dir,
                               pretrained.get("train_config", {}).get("dataset", "<pretrain-name>"))
     padded = model_config_for(dataclasses.replace(cfg, vocab_size=0), meta).vocab_size  # train.py's rule
+    if cfg.lora_rank:  # the new chat tokens' rows train beside the adapters
+        cfg.lora_new_tokens_from = new_ids.start if len(new_ids) else 0
     model_cfg = sft_model_config(cfg, pretrained["model_config"], padded)
     loaders = make_loaders(cfg, data_dir, meta, run, model_cfg.vocab_size)
     per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
@@ -167,13 +181,14 @@ def main(argv=None) -> dict:
         cfg.max_iters = max(1, round(cfg.epochs * (len(loaders["train"]) // per_iter)))
     prepare_run(cfg, run)
 
-    model, state = start_model(cfg, run, model_cfg, pretrained, new_ids)
+    model, state, lora_base = start_model(cfg, run, model_cfg, pretrained, new_ids)
     del pretrained
     model.to(run.device)
     print0(f"SFT: {len(loaders['train'])} train conversations, {per_iter} per iter, "
            f"{cfg.max_iters} iters ({cfg.max_iters * per_iter / len(loaders['train']):.2f} epochs)")
     prompts = [p.strip() for p in cfg.sample_prompts.split("|") if p.strip()]
-    summary = train(cfg, run, model, loaders, meta, state, sample_replies(prompts, from_meta(meta), cfg, run))
+    summary = train(cfg, run, model, loaders, meta, state, sample_replies(prompts, from_meta(meta), cfg, run),
+                    lora_base)
     print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
            f"{summary['elapsed_s']:.1f}s; chat with: python sample.py --out_dir={cfg.out_dir} --chat")
     return summary

@@ -8,7 +8,6 @@ Flat token datasets are read as random block_size windows; example datasets (dat
 e.g. tiny_cls) as whole examples with their loss masks. The run folder weight/<run>/ gets
 ckpt.pt, config.json, log.jsonl and loss.png. Ctrl-C / SIGTERM finishes the step, saves and exits.
 """
-import dataclasses
 import json
 import math
 import os
@@ -21,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from checkpoint import CheckpointError, gpt_config, load_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, base_model, base_reference, gpt_config, load_checkpoint, lora_model,
+                        plain_checkpoint, save_checkpoint)
 from common import (ConfigError, Logger, Runtime, StopSignal, all_reduce_sum, atomic_write, cli,
                     config_dict, load_config, peak_flops, print0, setup_runtime)
 from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
-from model import GPT, GPTConfig, setting
+from model import GPT, GPTConfig, add_adapters, is_adapter, setting
 from tokenizer import load_meta, same_base
 
 
@@ -73,9 +73,14 @@ class TrainConfig(GPTConfig):
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: bf16 on CUDA
     compile: bool = False
     seed: int = 1337
+    lora_quant: str = setting("none", choices=("none", "int8", "nf4"))  # QLoRA: a quantized frozen base
 
     def __post_init__(self):
         super().__post_init__()
+        if self.lora_quant != "none":
+            raise ConfigError(f"lora_quant = {self.lora_quant!r}: QLoRA (a 4/8-bit frozen base) needs a CUDA GPU "
+                              "with bitsandbytes or torchao and is not in danlu yet; remove the key to train "
+                              "adapters on a full-precision base", "lora_quant")
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr = {self.min_lr} is above learning_rate = {self.learning_rate}; "
                               "the schedule decays from learning_rate to min_lr", "min_lr")
@@ -139,16 +144,17 @@ def param_groups(model: GPT) -> tuple[list, list, list]:
     """(block matrices, other matrices, 1-D tensors): the one place that decides how parameters
     are optimized. AdamW decays every matrix and nothing 1-D (biases, gains); Muon takes the block
     matrices (attention and MLP inside transformer.h) and leaves embeddings and the head to
-    AdamW. A tied matrix is listed once; frozen parameters not at all."""
+    AdamW. A tied matrix is listed once; frozen parameters not at all. LoRA adapters are
+    low-rank factors, not the hidden matrices Muon orthogonalises: AdamW takes them."""
     in_blocks = {id(p) for p in model.transformer.h.parameters()}
     blocks, matrices, vectors = [], [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.dim() < 2:
             vectors.append(p)
         else:
-            (blocks if id(p) in in_blocks else matrices).append(p)
+            (blocks if id(p) in in_blocks and not is_adapter(name) else matrices).append(p)
     return blocks, matrices, vectors
 
 
@@ -215,6 +221,7 @@ class StepResult:
     seq_len: int
     skipped: bool  # the loss or gradient was not finite: no update was made
     stop: bool  # a process got Ctrl-C / SIGTERM
+    aux_loss: float | None = None  # MoE: the load-balancing loss per target (before moe_aux_weight)
 
 
 class Trainer:
@@ -223,13 +230,14 @@ class Trainer:
     sample replies) to each evaluation."""
 
     def __init__(self, cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
-                 state: dict | None = None, extra_eval=None):
+                 state: dict | None = None, extra_eval=None, lora_base: dict | None = None):
         if cfg.gradient_accumulation_steps % run.world_size:
             raise ConfigError(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} must "
                               f"be a multiple of the number of processes ({run.world_size}): it is "
                               "the global count, split across processes (e.g. "
                               f"--gradient_accumulation_steps={run.world_size})", "gradient_accumulation_steps")
         self.cfg, self.run, self.loaders, self.meta, self.extra_eval = cfg, run, loaders, tokenizer_meta, extra_eval
+        self.lora_base = lora_base  # a LoRA run saves its adapters and this reference to the base
         self.raw_model = model  # what checkpoints hold: no compile or DDP wrapper prefixes
         self.optimizers = make_optimizers(cfg, model, run)
         self.iter_num, self.best_val_loss, self.elapsed0, self.saved_iter = 0, float("inf"), 0.0, None
@@ -289,9 +297,12 @@ class Trainer:
                                "(or raise warmup_iters) and train again.")
         if not self.run.master:
             return
-        ckpt = {"model": self.raw_model.state_dict(), "model_config": config_dict(self.raw_model.config),
-                "train_config": config_dict(self.cfg), "tokenizer": self.meta, "iter_num": self.iter_num,
-                "best_val_loss": self.best_val_loss}
+        model = self.raw_model
+        ckpt = {"model": model.adapter_state() if self.lora_base else model.state_dict(),
+                "model_config": config_dict(model.config), "train_config": config_dict(self.cfg),
+                "tokenizer": self.meta, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss}
+        if self.lora_base:
+            ckpt["lora_base"] = self.lora_base
         if not best:
             ckpt.update(optimizer=[opt.state_dict() for opt in self.optimizers],
                         scaler=self.run.scaler.state_dict(), loader=self.loaders["train"].state_dict(),
@@ -360,6 +371,7 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * mult
         loss_sum = torch.zeros((), device=run.device)
+        aux_sum = torch.zeros((), device=run.device)
         count = torch.zeros((), device=run.device)
         for micro in range(self.accum):
             x, y, w = self.loaders["train"].get_batch(run.device)
@@ -370,10 +382,16 @@ class Trainer:
             with nullcontext() if not run.ddp or last else self.model.no_sync():
                 with run.autocast:
                     loss = self.model(x, y, w, loss_only=self.loss_only, reduction="sum")[1]
-                run.scaler.scale(loss / self.norm).backward()
+                # MoE: the balancing loss is a sum over targets too (GPT.balance_loss), so it is
+                # scaled with the cross-entropy below: a mean per target of the whole step
+                aux = self.raw_model.aux_loss if cfg.n_expert else None
+                total = loss if aux is None else loss + cfg.moe_aux_weight * aux
+                run.scaler.scale(total / self.norm).backward()
             loss_sum += loss.detach().float()
+            if aux is not None:
+                aux_sum += aux.detach().float()
         flag = torch.tensor(float(stop), device=run.device)
-        loss_sum, count, flag = all_reduce_sum(torch.stack([loss_sum, count, flag]), run)
+        loss_sum, aux_sum, count, flag = all_reduce_sum(torch.stack([loss_sum, aux_sum, count, flag]), run)
         for opt in self.optimizers:
             run.scaler.unscale_(opt)
         # DDP averaged sum / norm over the ranks: scale to sum / count over the whole step
@@ -381,8 +399,8 @@ class Trainer:
         torch._foreach_mul_(grads, run.world_size * self.norm / count.clamp(min=1))
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        loss, grad_norm, n, stop = torch.stack([loss_sum / count.clamp(min=1), grad_norm.float(),
-                                                count, flag]).tolist()
+        loss, aux, grad_norm, n, stop = torch.stack([loss_sum / count.clamp(min=1), aux_sum / count.clamp(min=1),
+                                                     grad_norm.float(), count, flag]).tolist()
         # fp16's GradScaler skips overflowing steps by itself; otherwise a non-finite norm is bad.
         # Every rank holds the same reduced loss and gradients, so all agree on skipping.
         skipped = not math.isfinite(loss) or (run.dtype != "float16" and not math.isfinite(grad_norm))
@@ -392,7 +410,7 @@ class Trainer:
         run.scaler.update()
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, x.size(1), skipped, stop > 0)
+        return StepResult(loss, grad_norm, x.size(1), skipped, stop > 0, aux if cfg.n_expert else None)
 
     def skipped(self) -> None:
         """Log a skipped step; after max_nonfinite in a row, stop and say what is on disk."""
@@ -411,6 +429,8 @@ class Trainer:
         record = {"iter": self.iter_num, "elapsed_s": round(self.elapsed(), 3), "train_loss": result.loss,
                   "lr": self.optimizers[-1].param_groups[0]["lr"], "tok_per_s": round(tok_s, 1),
                   "mfu": round(achieved / self.peak, 4), "grad_norm": round(result.grad_norm, 4)}
+        if result.aux_loss is not None:
+            record["aux_loss"] = round(result.aux_loss, 5)
         bar = self.logger.bar
         self.logger.log(record, None if bar is not None and not bar.disable else
                         f"iter {self.iter_num}: loss {result.loss:.4f}, {tok_s:,.0f} tok/s, "
@@ -467,15 +487,33 @@ class Trainer:
 
 
 def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
-          state: dict | None = None, extra_eval=None) -> dict:
+          state: dict | None = None, extra_eval=None, lora_base: dict | None = None) -> dict:
     """Run the shared training loop (see Trainer); returns its summary."""
-    return Trainer(cfg, run, model, loaders, tokenizer_meta, state, extra_eval).fit()
+    return Trainer(cfg, run, model, loaders, tokenizer_meta, state, extra_eval, lora_base).fit()
 
 
 # ----------------------------------------------------------------------------- entry point
 
 # Keys that change training, not the network: these may differ on resume and from a base.
-TRAINING_ONLY = ("dropout", "attn_impl")
+TRAINING_ONLY = ("dropout", "attn_impl", "lora_dropout", "moe_aux_weight")
+# A fine-tune's own keys, never the base's (lora_new_tokens_from follows from base and data)
+LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_new_tokens_from")
+
+
+def add_lora(model: GPT, cfg, new_ids: range) -> GPT:
+    """The frozen base model with cfg's new LoRA adapters (and trainable rows for new_ids,
+    the tokens the base lacks); cfg.lora_new_tokens_from is set so ckpt.pt tells the truth."""
+    cfg.lora_new_tokens_from = new_ids.start if len(new_ids) else 0
+    model = add_adapters(model, gpt_config(model.config, **{k: getattr(cfg, k) for k in LORA_KEYS}))
+    report_trainable(model)
+    return model
+
+
+def report_trainable(model: GPT) -> None:
+    trainable, total = model.freeze_base()
+    cfg = model.config
+    print0(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trainable:,} of {total:,} parameters train "
+           f"({100 * trainable / total:.2f}%), the base is frozen")
 
 
 def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
@@ -494,9 +532,9 @@ def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
         raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be "
                               f"resumed; start a new run from it with --init_from={cfg.out_dir} "
                               "and another out_dir")
-    saved = state["model_config"]
+    saved = config_dict(gpt_config(state["model_config"]))  # keys newer than the checkpoint: defaults
     diff = {k: (saved.get(k), v) for k, v in config_dict(model_cfg).items()
-            if saved.get(k) != v and k not in TRAINING_ONLY}
+            if saved.get(k) != v and k not in TRAINING_ONLY + ("lora_new_tokens_from",)}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"{path} was trained with a different model config ({shown}); use "
@@ -512,52 +550,36 @@ def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
     return state
 
 
-def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:
-    """The same model with vocab_size rows in wte and lm_head (tied or not). Rows of new_ids
-    (which may include the old padding rows) start at the mean of the trained rows below
-    new_ids.start, so a new token begins as an 'average' token rather than a random one;
-    every other row is kept, so logits of old tokens do not change."""
-    old = model.config.vocab_size
-    if vocab_size <= old and len(new_ids) == 0:
-        return model
-    grown = GPT(dataclasses.replace(model.config, vocab_size=max(old, vocab_size)))
-    state = model.state_dict()
-    for key in ("transformer.wte.weight", "lm_head.weight"):
-        w = state[key]  # (old, C); with tied embeddings both keys hold the same matrix
-        mean = w[:new_ids.start].mean(dim=0)
-        rows = torch.cat([w, mean.expand(grown.config.vocab_size - old, -1)])
-        rows[new_ids.start:new_ids.stop] = mean
-        state[key] = rows
-    grown.load_state_dict(state)
-    return grown
-
-
-def init_weights(cfg, meta: dict, model_cfg: GPTConfig) -> tuple[GPT, GPTConfig]:
-    """(model, its config): a fresh model, or (init_from = a run folder, a Hugging Face folder
-    or a gpt2 name) those weights. Their architecture wins over the config's model keys, but for
-    dropout and attn_impl; cfg is updated to it so config.json and ckpt.pt tell the truth; the
-    dataset must be tokenized with their tokenizer (chat tokens appended are grown in)."""
+def init_weights(cfg, meta: dict, model_cfg: GPTConfig) -> tuple[GPT, GPTConfig, dict | None]:
+    """(model, its config, LoRA base reference or None): a fresh model, or (init_from = a run
+    folder, a Hugging Face folder or a gpt2 name) those weights. Their architecture wins over
+    the config's model keys, but for dropout, attn_impl and the LoRA keys; cfg is updated to it
+    so config.json and ckpt.pt tell the truth; the dataset must be tokenized with their
+    tokenizer (chat tokens appended are grown in). lora_rank > 0 freezes them beside adapters."""
     if cfg.init_from in ("scratch", "resume", "auto"):
-        return GPT(model_cfg), model_cfg
-    from convert import check_fits_uint16, load_pretrained
-    source_cfg, state, source_meta = load_pretrained(cfg.init_from)
+        return GPT(model_cfg), model_cfg, None
+    from convert import check_fits_uint16
+    source = plain_checkpoint(cfg.init_from)
+    source_cfg, source_meta = gpt_config(source["model_config"]), source["tokenizer"]
     check_fits_uint16(source_meta, cfg.init_from)
     if not same_base(source_meta, meta):
         raise ConfigError(f"init_from = {cfg.init_from}: the dataset {cfg.dataset} was not tokenized "
                           f"with its tokenizer; prepare it with python prepare/text.py --input ... "
                           f"--name ... --tokenizer={cfg.init_from}", "init_from")
-    block_size = min(cfg.block_size, source_cfg.block_size)
-    if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
-        state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:block_size]
-    source_cfg = gpt_config(source_cfg, block_size=block_size, **{k: getattr(cfg, k) for k in TRAINING_ONLY})
-    model = GPT(source_cfg)
-    model.load_state_dict(state)
     new_ids = range(source_meta["vocab_size"], meta["vocab_size"])
-    model = grow_vocab(model, max(model_cfg.vocab_size, source_cfg.vocab_size), new_ids)
+    config = gpt_config(source_cfg, block_size=min(cfg.block_size, source_cfg.block_size),
+                        vocab_size=max(model_cfg.vocab_size, source_cfg.vocab_size),
+                        **{k: getattr(cfg, k) for k in TRAINING_ONLY})
+    model = base_model(source, config, new_ids)
     for key, value in config_dict(model.config).items():
-        setattr(cfg, key, value)
+        if key not in LORA_KEYS:
+            setattr(cfg, key, value)
     print0(f"starting from the weights of {cfg.init_from}")
-    return model, model.config
+    if not cfg.lora_rank:
+        return model, model.config, None
+    reference = base_reference(cfg.init_from, source)
+    model = add_lora(model, cfg, new_ids)
+    return model, model.config, reference
 
 
 def prepare_run(cfg, run: Runtime) -> None:
@@ -577,11 +599,20 @@ def main(argv=None) -> dict:
     prepare_run(cfg, run)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
-    model, model_cfg = init_weights(cfg, meta, model_config_for(cfg, meta))
+    model, model_cfg, lora_base = init_weights(cfg, meta, model_config_for(cfg, meta))
     state = resume_state(cfg, run, model_cfg)
-    if state is not None:
+    if state is not None and state.get("lora_base"):  # adapters: their base comes from its path
+        model, lora_base = lora_model(state, cfg.out_dir), state["lora_base"]
+        del state["model"]
+        cfg.lora_new_tokens_from = model.config.lora_new_tokens_from
+        report_trainable(model)
+        print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
+    elif state is not None:
         model.load_state_dict(state.pop("model"))  # no second copy of the weights for the run
         print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
+    elif cfg.lora_rank and lora_base is None:
+        raise ConfigError(f"lora_rank = {cfg.lora_rank} trains adapters on pretrained weights; give them "
+                          "with --init_from=weight/<run>|HF_FOLDER|gpt2 (sft.py: --base=...)", "lora_rank")
     model.to(run.device)
     print0(f"model: {model.num_params() / 1e6:.2f}M parameters, device {run.device}, dtype {run.dtype}")
     loaders = make_loaders(cfg, data_dir, meta, run, model_cfg.vocab_size)
@@ -589,7 +620,7 @@ def main(argv=None) -> dict:
     if meta.get("task") == "classify":
         from classify import accuracy_eval
         extra_eval = accuracy_eval(loaders["eval"]["val"], meta, run)
-    summary = train(cfg, run, model, loaders, meta, state, extra_eval)
+    summary = train(cfg, run, model, loaders, meta, state, extra_eval, lora_base)
     print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
            f"{summary['elapsed_s']:.1f}s; checkpoints in {cfg.out_dir}/ (ckpt.pt latest, best.pt best val)")
     return summary
