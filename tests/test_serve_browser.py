@@ -55,11 +55,11 @@ def test_chat_reply_streams_into_the_page(browser):
     wait = WebDriverWait(browser, 30)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
                and d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text == GREETING_REPLY)
-    wait.until(lambda d: "tok/s" in d.find_element(By.CSS_SELECTOR, ".stats").text)
+    wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())  # the turn is over: ready for the next
     partial = {t for t in browser.execute_script("return window.seen;") if t and t != GREETING_REPLY}
     assert partial, "the reply appeared all at once, not streamed"
-    assert "first token" in browser.find_element(By.CSS_SELECTOR, ".stats").text
-    assert browser.find_element(By.ID, "send").is_enabled()  # ready for the next turn
+    stats = browser.find_element(By.CSS_SELECTOR, ".stats").text
+    assert "first token" in stats and "tok/s" in stats and "MB" in stats, stats
 
 
 def test_drawing_a_digit_shows_a_class(browser):
