@@ -79,21 +79,39 @@ def encode_prompt(cfg: SampleConfig, tok, block_size: int) -> list[int]:
     return ids
 
 
+def decode_stream(model, tok, ids: list[int], run, generator, max_new_tokens: int, temperature: float,
+                  top_k: int, top_p: float, stop_tokens=(), use_cache: bool = True):
+    """Generate after ids, one token at a time: yield (token id, the text it completes; "" while
+    a multi-byte character is still partial). A stop token is yielded with "" and ends the
+    stream; the last item is (None, whatever the decoder still held). sample.py prints these
+    pieces, serve.py streams them."""
+    x = torch.tensor([ids], dtype=torch.long, device=run.device)
+    decoder = StreamDecoder(tok)
+    tokens = model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, stop_tokens,
+                                   use_cache, generator)
+    while True:
+        with run.autocast:
+            t = next(tokens, None)
+        if t is None:
+            break
+        t = int(t[0])
+        if t in stop_tokens:
+            yield t, ""
+            break
+        yield t, decoder.feed(t)
+    yield None, decoder.flush()
+
+
 def stream(model, tok, ids: list[int], cfg: SampleConfig, run, generator, stop_tokens=(), out=sys.stdout):
     """Generate after ids, writing text to out as it is made; return the new token ids
     (without a final stop token)."""
-    x = torch.tensor([ids], dtype=torch.long, device=run.device)
-    decoder, new = StreamDecoder(tok), []
-    with run.autocast:
-        for t in model.generate_stream(x, cfg.max_new_tokens, cfg.temperature, cfg.top_k or None,
-                                       cfg.top_p, stop_tokens, cfg.use_cache, generator):
-            t = int(t[0])
-            if t in stop_tokens:
-                break
+    new = []
+    for t, text in decode_stream(model, tok, ids, run, generator, cfg.max_new_tokens, cfg.temperature,
+                                 cfg.top_k, cfg.top_p, stop_tokens, cfg.use_cache):
+        if t is not None and t not in stop_tokens:
             new.append(t)
-            out.write(decoder.feed(t))
-            out.flush()
-    out.write(decoder.flush())
+        out.write(text)
+        out.flush()
     return new
 
 

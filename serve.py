@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common import ConfigError, cli, load_config
 from model import check_settings, setting
-from tokenizer import CHAT_TOKENS, StreamDecoder
+from tokenizer import CHAT_TOKENS
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
@@ -214,29 +214,25 @@ class Finish:
 def generate_steps(s: Served, ids: list[int], req, stop_tokens: list[int]):
     """Yield the text each new token completes (one item per token, maybe ""), then a Finish.
     Runs on the worker thread; closing the iterator stops the generation."""
-    x = torch.tensor([ids], dtype=torch.long, device=s.run.device)
+    from sample import decode_stream
     generator = torch.Generator(device=s.run.device).manual_seed(req.seed)
-    tokens = s.model.generate_stream(x, req.max_tokens, req.temperature, req.top_k or None,
-                                     req.top_p, stop_tokens, True, generator)
-    decoder, stops = StreamDecoder(s.tok), StopStrings(req.stop_list())
+    stops = StopStrings(req.stop_list())
     n, reason, first = 0, "length", None
-    while True:
-        with s.run.autocast:
-            t = next(tokens, None)
-        if t is None:
-            break
-        n, t, first = n + 1, int(t[0]), first or time.perf_counter()
-        if t in stop_tokens:
-            reason = "stop"
-            break
-        text, hit = stops.feed(decoder.feed(t))
+    for t, piece in decode_stream(s.model, s.tok, ids, s.run, generator, req.max_tokens, req.temperature,
+                                  req.top_k, req.top_p, stop_tokens):
+        if t is not None:
+            n, first = n + 1, first or time.perf_counter()
+            if t in stop_tokens:
+                reason = "stop"
+                continue
+        text, hit = stops.feed(piece)
+        if t is None:  # the end: what the decoder and the stop-string matcher still held
+            text += "" if hit else stops.flush()
         yield text
         if hit:
-            yield Finish("stop", n, first, time.perf_counter())
-            return
-    text, hit = stops.feed(decoder.flush())
-    yield text + ("" if hit else stops.flush())
-    yield Finish("stop" if hit else reason, n, first or time.perf_counter(), time.perf_counter())
+            reason = "stop"
+            break
+    yield Finish(reason, n, first or time.perf_counter(), time.perf_counter())
 
 
 def classify_steps(s: Served, ids: list[int]):
