@@ -321,20 +321,25 @@ def same_base(a: dict, b: dict) -> bool:
 def load_meta(data_dir: str) -> dict:
     """A dataset's meta.json, checked whole (its tokenizer rebuilds) so a broken file fails
     here, naming itself, and not later in sample.py."""
-    path = os.path.join(data_dir, "meta.json")
+    return read_meta(os.path.join(data_dir, "meta.json"))
+
+
+def read_meta(path: str, fix: str = "re-run the prepare script") -> dict:
+    """A tokenizer description from any file (a dataset's meta.json, or a tokenizer that
+    prepare/tokenizer.py trained), checked whole; errors name the file and end with fix."""
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); re-run the prepare script") from None
+        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
     if not isinstance(meta, dict) or "kind" not in meta:
         raise ValueError(f"{path} is not a tokenizer description (a JSON object with kind, "
-                         "vocab_size and the table); re-run the prepare script")
+                         f"vocab_size and the table); {fix}")
     try:
         from_meta(meta)
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path} lacks or garbles its table ({type(e).__name__}: {e}); "
-                         "re-run the prepare script") from None
+                         f"{fix}") from None
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None
     return meta

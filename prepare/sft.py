@@ -12,6 +12,11 @@ The format is detected per record:
   {"messages": [{"role": ..., "content": str | [{"type": "text", "text": ...}]}]}    OpenAI
   {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}          ShareGPT
   {"instruction", "input", "output", ["system"], ["history": [[user, assistant]]]}  Alpaca
+  preference records (LLaMA-Factory, minimind DPO files): any of the above with "chosen" and
+  "rejected" replies, each one turn ({"from": "gpt", "value": ...} or {"role", "content"}), a
+  string, or (minimind) a whole conversation; the chosen reply is the assistant turn SFT trains
+  on. The rejected reply is skipped and counted (summary: rejected_skipped), not kept: SFT does
+  not use it, and a preference step would read the source file.
 Rules (everything is counted and reported in the summary, nothing is silent):
   - text:  a string stays as is; a list of text parts (strings or {"type": "text", "text"|"value":
            str}) is joined with "\n". Anything else is flattened and counted: text parts give their
@@ -212,6 +217,27 @@ def _alpaca(record: dict, notes: Counter) -> list[dict]:
     return messages
 
 
+def _preference(record: dict, notes: Counter) -> list[dict]:
+    """The prompt turns of a preference record, then its chosen reply as the assistant turn."""
+    chosen = record["chosen"]
+    if "rejected" in record:
+        notes["rejected"] += 1
+    if isinstance(chosen, list):  # minimind: chosen and rejected are whole conversations
+        return [_message(m, f"chosen[{i}]", notes) for i, m in enumerate(chosen)]
+    if isinstance(chosen, dict):
+        reply = _message(chosen, "'chosen'", notes)
+    elif isinstance(chosen, str):
+        reply = {"role": "assistant", "content": chosen}
+    else:
+        raise RecordError(f"'chosen' is a {type(chosen).__name__}; expected a turn, a string or a list of turns")
+    if reply["role"] != "assistant":
+        raise RecordError(f"'chosen' is a {reply['role']} turn; it must be the assistant's reply")
+    prompt = {k: v for k, v in record.items() if k not in ("chosen", "rejected")}
+    if "instruction" in prompt and "output" not in prompt:  # Alpaca-style preference record
+        return _alpaca({**prompt, "output": reply["content"]}, notes)
+    return to_messages(prompt, notes) + [reply]
+
+
 def to_messages(record, notes: Counter | None = None) -> list[dict]:
     """[{"role", "content"}, ...] in the template's roles for one record of any known format.
     Raises RecordError (a ValueError) on a malformed record and UnknownRoleError (also a
@@ -219,6 +245,8 @@ def to_messages(record, notes: Counter | None = None) -> list[dict]:
     notes = Counter() if notes is None else notes
     if not isinstance(record, dict):
         raise RecordError(f"expected a JSON object, got a {type(record).__name__}")
+    if "chosen" in record:
+        return _preference(record, notes)
     for key in ("messages", "conversations"):
         if key in record:
             turns = record[key]
@@ -231,8 +259,8 @@ def to_messages(record, notes: Counter | None = None) -> list[dict]:
             return messages
     if "instruction" in record and "output" in record:
         return _alpaca(record, notes)
-    raise RecordError("no recognizable format: expected 'conversations', 'messages' or "
-                      f"'instruction' + 'output' (keys: {sorted(record)[:10]})")
+    raise RecordError("no recognizable format: expected 'conversations', 'messages', "
+                      f"'instruction' + 'output' or a 'chosen' reply (keys: {sorted(record)[:10]})")
 
 
 # ----------------------------------------------------------------------------- messages -> tokens
@@ -354,7 +382,8 @@ def _summary(counts: Counter, bad: list, splits: dict) -> dict:
                     "unencodable": counts["unencodable"]},
         "unknown_roles": unknown_roles, "malformed_examples": bad,
         "flattened_values": counts["flattened"], "mapped_roles": _prefixed(counts, "mapped:"),
-        "truncated": counts["truncated"], "dropped_characters": sum(dropped_chars.values()),
+        "truncated": counts["truncated"], "rejected_skipped": counts["rejected"],
+        "dropped_characters": sum(dropped_chars.values()),
         "dropped_characters_top": "".join(sorted(dropped_chars, key=dropped_chars.get,
                                                   reverse=True)[:20]),
         "splits": splits,
@@ -430,6 +459,9 @@ def format_summary(s: dict, out_dir: str) -> str:
         f"  flattened values {s['flattened_values']:,}, mapped roles {s['mapped_roles'] or 'none'}, "
         f"truncated {s['truncated']:,}, dropped characters {s['dropped_characters']:,}",
     ]
+    if s["rejected_skipped"]:
+        lines.append(f"  preference records: the chosen reply is the target; {s['rejected_skipped']:,} "
+                     "rejected replies skipped")
     if s["unknown_roles"]:
         lines.append(f"  unknown roles (records skipped): {s['unknown_roles']}")
     if s["dropped_characters"]:

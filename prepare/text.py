@@ -3,6 +3,7 @@ Any text corpus -> data/<name>/{train,val}.bin and meta.json, on all cores, stre
 
     python prepare/text.py --input books/ wiki.jsonl --name mycorpus              # GPT-2 BPE
     python prepare/text.py --input notes.txt --name notes --tokenizer char --val_fraction 0.1
+    python prepare/text.py --input poems.txt --name poems --tokenizer tang8k   # prepare/tokenizer.py's
 
 Inputs: .txt files (each one document), .jsonl files ({"text": ...} per line, each line one
 document), or folders of them (searched recursively, in sorted order). Every document is followed
@@ -294,6 +295,33 @@ def encode_all(files, args, tok, out_dir: str, total: int, end: str = EOT) -> di
     return counts | splitter.close()
 
 
+def trained_tokenizer_path(name: str) -> str | None:
+    """The file of a tokenizer trained by prepare/tokenizer.py: a path to a .json file, or a NAME
+    in data/tokenizers/; None when name is neither."""
+    if name.endswith(".json"):
+        if not os.path.isfile(name):
+            raise DataError(f"--tokenizer {name}: no such file; train one with "
+                            "python prepare/tokenizer.py --input FILES --vocab_size N --name NAME")
+        return name
+    path = os.path.join("data", "tokenizers", f"{name}.json")
+    return path if os.path.isfile(path) else None
+
+
+def resolve_tokenizer(name: str, files, args, total: int) -> tuple[tokenizer.Tokenizer, str]:
+    """(tokenizer, document end) for --tokenizer: gpt2, char, a trained tokenizer (NAME or
+    PATH.json), else the tokenizer of a model to continue pretraining."""
+    if name == "char":
+        return char_tokenizer(files, args, total), EOT
+    if name == "gpt2":
+        return tokenizer.TiktokenTokenizer("gpt2"), EOT
+    path = trained_tokenizer_path(name)
+    if path is None:
+        return model_tokenizer(name)
+    tok = tokenizer.from_meta(tokenizer.read_meta(path, fix="train it again with prepare/tokenizer.py"))
+    tok.add_special_tokens([EOT])  # prepare/tokenizer.py puts it in; a hand-made file may not
+    return tok, EOT
+
+
 def model_tokenizer(source: str) -> tuple[tokenizer.Tokenizer, str]:
     """(tokenizer, document end) of a model to continue pretraining (train.py --init_from=
     source). Documents end with its <|endoftext|>, else the folder's eos token, else an
@@ -319,7 +347,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--input", nargs="+", required=True, help=".txt/.jsonl files or folders")
     parser.add_argument("--name", required=True, help="writes data/<name>/")
     parser.add_argument("--tokenizer", default="gpt2",
-                        help="gpt2 | char | a Hugging Face folder, gpt2-medium/-large/-xl or a run "
+                        help="gpt2 | char | NAME (data/tokenizers/NAME.json, from prepare/tokenizer.py) | "
+                             "PATH.json | a Hugging Face folder, gpt2-medium/-large/-xl or a run "
                              "folder (weight/<run>): the tokenizer of the model you will start from")
     parser.add_argument("--val_fraction", type=float, default=0.0005)
     parser.add_argument("--seed", type=int, default=2357)
@@ -332,18 +361,13 @@ def main(argv=None) -> dict:
     files = list_inputs(args.input)
     total = sum(os.path.getsize(f) for f in files)
     out_dir = os.path.join("data", args.name)
-    end = EOT
-    if args.tokenizer == "char":
-        tok = char_tokenizer(files, args, total)
-    elif args.tokenizer == "gpt2":
-        tok = tokenizer.TiktokenTokenizer("gpt2")
-    else:
-        tok, end = model_tokenizer(args.tokenizer)
+    tok, end = resolve_tokenizer(args.tokenizer, files, args, total)
     with data.building(out_dir) as build_dir:
         counts = encode_all(files, args, tok, build_dir, total, end)
         source = {"script": "prepare/text.py", "inputs": args.input, "files": len(files),
                   "bytes": total, "val_fraction": args.val_fraction, "seed": args.seed,
-                  "split": "per document (or .txt chunk), seeded; see prepare/text.py", **counts}
+                  "split": "per document (or .txt chunk), seeded; see prepare/text.py",
+                  "tokenizer": args.tokenizer, **counts}
         meta = tok.to_meta(source=source, document_end=end)
         tokenizer.save_meta(build_dir, meta)
     print(f"{len(files)} files, {counts['documents']:,} documents, vocab_size {tok.vocab_size}: "
