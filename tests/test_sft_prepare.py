@@ -92,6 +92,31 @@ def test_each_format_gives_the_same_messages(fmt):
     assert to_messages(FORMATS[fmt]) == CONVERSATION
 
 
+# The same conversation as a preference record: the chosen reply is the last assistant turn.
+PREFERENCE = {
+    "llamafactory": {"conversations": FORMATS["sharegpt"]["conversations"][:-1],
+                     "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5"}},
+    "minimind": {"chosen": CONVERSATION, "rejected": CONVERSATION[:-1] + [{"role": "assistant", "content": "5"}]},
+    "string": {"messages": CONVERSATION[:-1], "chosen": "4", "rejected": "5"},
+    "alpaca": {**{k: v for k, v in FORMATS["alpaca"].items() if k != "output"}, "chosen": "4", "rejected": "5"},
+}
+
+
+@pytest.mark.parametrize("fmt", PREFERENCE)
+def test_preference_formats_take_the_chosen_reply_and_count_the_rejected(fmt):
+    notes = Counter()
+    assert to_messages(PREFERENCE[fmt], notes) == CONVERSATION
+    assert notes["rejected"] == 1
+
+
+def test_a_chosen_reply_that_is_not_the_assistants_is_an_error():
+    record = {"conversations": [{"from": "human", "value": "Hi"}], "chosen": {"from": "human", "value": "x"}}
+    with pytest.raises(RecordError, match="'chosen' is a user turn"):
+        to_messages(record)
+    with pytest.raises(RecordError, match="'chosen' is a int"):
+        to_messages({"conversations": [], "chosen": 3})
+
+
 def test_openai_content_parts_are_joined_and_not_counted():
     notes = Counter()
     record = {"messages": [{"role": "user", "content": [{"type": "text", "text": "one"},
