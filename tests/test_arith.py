@@ -1,0 +1,38 @@
+"""prepare/arith.py: a seeded chat set whose val questions never occur in training."""
+import json
+import os
+
+import numpy as np
+
+from prepare import arith
+from tokenizer import load_meta
+
+
+def test_val_questions_are_held_out_and_the_split_is_seeded():
+    train, val = arith.make_splits(3000, 100, seed=5)
+    again = arith.make_splits(3000, 100, seed=5)
+    assert (train, val) == again and len(val) == 100
+
+    def keys(records):
+        out = set()
+        for r in records:
+            answer = r["conversations"][1]["content"]
+            nums = [int(n) for n in "".join(c if c.isdigit() else " " for c in answer).split()]
+            op = next(o for o, words in (("+", "+加"), ("-", "-减"), ("*", "×乘")) if any(w in answer for w in words))
+            assert {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1]}[op] == nums[2]
+            out.add(arith.key(op, nums[0], nums[1]))
+        return out
+    assert not keys(train) & keys(val)
+    langs = {any("\u4e00" <= ch <= "\u9fff" for ch in r["conversations"][0]["content"]) for r in val}
+    assert langs == {True, False}  # both languages
+
+
+def test_prepare_writes_base_text_and_chats(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    arith.main(["--n_train=400", "--n_val=20"])
+    assert load_meta("data/arith_base")["kind"] == "char"
+    meta = load_meta("data/arith")
+    assert meta["task"] == "sft" and "<|assistant|>" in meta["special_tokens"]
+    starts = np.fromfile(os.path.join("data", "arith", "val.idx"), dtype=np.uint64)
+    assert len(starts) == 20
+    assert json.loads(json.dumps(meta["source"]))["splits"]["train"]["examples"] == 400
