@@ -1,16 +1,67 @@
 """
 Classification with a causal LM: an example is `<IMG> codes </IMG> <CLS> <CLS_k> <EOS>`, and
-the predicted class is the most likely class token in the next-token distribution at the
-`<CLS>` position (softmax over the class tokens only). Used by train.py (val accuracy at each
-eval) and by `sample.py --classify` (the full report, written to cls_eval.json).
+the predicted class is read at the `<CLS>` position: with cls_head="lm", the most likely class
+token of the next-token distribution there (softmax over the class tokens only); with "mlp",
+the model's classification head on the <CLS> hidden state. Used by train.py (val accuracy at
+each eval), by `sample.py --classify` (the full report, written to cls_eval.json; --image for
+image files) and by serve.py; this is also where an image's codes become the model's input.
 """
 import numpy as np
 import torch
+
+from prepare.tiny_cls import CLS, END_IMG, IMG, code_token, split_image
 
 
 def class_token_ids(meta: dict) -> list[int]:
     specials = meta["special_tokens"]
     return [specials[name] for name in meta["class_tokens"]]
+
+
+def class_names(meta: dict) -> list[str]:
+    """The name of each class: the dataset's (image folder names) or, for data prepared before
+    names were recorded, the k of <CLS_k>."""
+    if meta.get("class_names"):
+        return list(meta["class_names"])
+    return [t[len("<CLS_"):-1] if t.startswith("<CLS_") else t for t in meta["class_tokens"]]
+
+
+# ----------------------------------------------------------------------------- model input
+
+def wrap_codes(tok, codes: list[int], block_size: int) -> list[int]:
+    """Code token ids -> <IMG> codes </IMG> <CLS>, the prefix training examples have before
+    their answer. ValueError when it is longer than the model reads."""
+    ids = [tok.stoi[IMG]] + list(codes) + [tok.stoi[END_IMG], tok.stoi[CLS]]
+    if len(ids) > block_size:
+        raise ValueError(f"tokens: {len(ids)} tokens with the markers; the model reads at most "
+                         f"{block_size}")
+    return ids
+
+
+def token_ids(tok, tokens: list, block_size: int) -> list[int]:
+    """Ids or names of an image's tokens (a tail such as </IMG> <CLS> may be there or not) ->
+    <IMG> codes </IMG> <CLS>, as training saw them. ValueError names the bad entry."""
+    names = tok.tokens
+    for i, t in enumerate(tokens):
+        if isinstance(t, int) and not 0 <= t < len(names):
+            raise ValueError(f"tokens.{i}: id {t} is outside this vocabulary (0..{len(names) - 1})")
+        if isinstance(t, str) and t not in tok.stoi:
+            raise ValueError(f"tokens.{i}: {t!r} is not in this vocabulary")
+    words, _ = split_image([names[t] if isinstance(t, int) else t for t in tokens])
+    if not words:
+        raise ValueError("tokens: no image tokens before the </IMG> <CLS> tail")
+    return wrap_codes(tok, [tok.stoi[w] for w in words], block_size)
+
+
+def image_ids(tok, codebook: dict, pixels: np.ndarray, block_size: int) -> list[int]:
+    """(H, W) pixels (prepare.codebook.image_pixels) -> <IMG> codes </IMG> <CLS>, encoded
+    exactly as prepare/tiny_cls.py encodes a training image."""
+    from prepare.codebook import encode_images
+    codes = encode_images(pixels[None], codebook)[0]
+    first = tok.stoi[code_token(0)]
+    return wrap_codes(tok, [first + int(c) for c in codes], block_size)
+
+
+# ----------------------------------------------------------------------------- predictions
 
 
 def cls_positions(x: torch.Tensor, cls_id: int) -> torch.Tensor:
@@ -24,11 +75,14 @@ def cls_positions(x: torch.Tensor, cls_id: int) -> torch.Tensor:
 
 @torch.no_grad()
 def class_probs(model, x: torch.Tensor, cls_id: int, class_ids: list[int]) -> torch.Tensor:
-    """(B, K) probabilities over the K class tokens at each row's <CLS> position."""
+    """(B, K) probabilities over the K classes at each row's <CLS> position, from either head."""
     pos = cls_positions(x, cls_id)
     h = model.body(x)  # (B, T, C)
     h = h[torch.arange(x.size(0), device=x.device), pos]  # (B, C): only the <CLS> position
-    logits = model.head(h).float()[:, class_ids]  # (B, K)
+    if model.config.cls_head == "mlp":
+        logits = model.cls_mlp(h).float()  # (B, K), classes in class_ids' order
+    else:
+        logits = model.head(h).float()[:, class_ids]  # (B, K)
     return torch.softmax(logits, dim=-1)
 
 
@@ -58,9 +112,12 @@ def evaluate(model, batches, meta: dict, autocast) -> dict:
             "confidence": torch.cat(conf).numpy()}
 
 
-def report(pred: np.ndarray, label: np.ndarray, confidence: np.ndarray, num_classes: int) -> dict:
-    """Accuracy, per-class precision / recall / F1 / support, confusion matrix (rows: true
-    class, columns: predicted), mean confidence of the predicted class."""
+def report(pred: np.ndarray, label: np.ndarray, confidence: np.ndarray, num_classes: int,
+           names: list[str] | None = None) -> dict:
+    """Accuracy, per-class precision / recall / F1 / support keyed by class name (default: the
+    index), confusion matrix (rows: true class, columns: predicted, in class_names order),
+    mean confidence of the predicted class."""
+    names = names or [str(k) for k in range(num_classes)]
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     known = label >= 0
     np.add.at(confusion, (label[known], pred[known]), 1)
@@ -70,11 +127,12 @@ def report(pred: np.ndarray, label: np.ndarray, confidence: np.ndarray, num_clas
         precision = tp / max(1, confusion[:, k].sum())
         recall = tp / max(1, confusion[k].sum())
         f1 = 2 * precision * recall / max(1e-12, precision + recall)
-        per_class[str(k)] = {"precision": round(float(precision), 4), "recall": round(float(recall), 4),
+        per_class[names[k]] = {"precision": round(float(precision), 4), "recall": round(float(recall), 4),
                              "f1": round(float(f1), 4), "support": int(confusion[k].sum())}
     n = int(known.sum())
     return {"accuracy": float(np.trace(confusion) / max(1, n)), "n": n, "per_class": per_class,
-            "confusion": confusion.tolist(), "mean_confidence": float(confidence[known].mean()) if n else 0.0}
+            "confusion": confusion.tolist(), "mean_confidence": float(confidence[known].mean()) if n else 0.0,
+            "class_names": list(names)}
 
 
 def loader_batches(loader, device: str):

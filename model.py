@@ -101,6 +101,10 @@ class GPTConfig:
     moe_shared_expert: bool = setting(False, choices=(False, True))  # one more expert every token uses
     moe_router: str = setting("softmax", choices=("softmax", "sigmoid"))
     moe_aux_weight: float = setting(0.01, lo=0.0)  # weight of the load-balancing loss in training
+    # classifiers (tiny_cls): "lm" reads the class token off the LM head at <CLS>; "mlp" puts a
+    # head of its own on the <CLS> hidden state, trained on the class alone
+    cls_head: str = setting("lm", choices=("lm", "mlp"))
+    n_class: int = setting(0, lo=0)  # the mlp head's outputs; train.py takes the dataset's
 
     def __post_init__(self):
         check_settings(self)
@@ -407,6 +411,15 @@ class GPT(nn.Module):
             if not config.tie_embeddings:  # tied: the head's rows move with the embedding's
                 self.lora_head = nn.Parameter(torch.zeros(new, config.n_embd))
         self.aux_loss = None  # MoE: the load-balancing loss of the last forward with targets
+        if config.cls_head == "mlp":  # <CLS> state -> Linear -> GELU -> Linear -> classes
+            if config.n_class < 1:
+                raise ConfigError("cls_head = 'mlp' needs n_class >= 1; train.py takes it from a "
+                                  "classification dataset (prepare/tiny_cls.py)", "n_class")
+            hidden = max(1, config.n_embd // 2)
+            self.cls_mlp = nn.Sequential(nn.Linear(config.n_embd, hidden), nn.GELU(),
+                                         nn.Linear(hidden, config.n_class))
+            # the class tokens' ids in class order: targets holding one are the classes to learn
+            self.register_buffer("cls_ids", torch.zeros(config.n_class, dtype=torch.long))
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
         # variance does not grow with depth
@@ -560,6 +573,8 @@ class GPT(nn.Module):
         if self.config.n_expert:
             counted = (targets != -1) if weights is None else weights
             self.aux_loss = self.balance_loss(counted, reduction)
+        if self.config.cls_head == "mlp":
+            return None if loss_only else self.head(h), self.class_loss(h, targets, reduction)
         targets = targets.reshape(-1)
         w = None if weights is None else weights.reshape(-1).float()
         if loss_only:
@@ -573,6 +588,21 @@ class GPT(nn.Module):
             return logits, F.cross_entropy(flat, targets, ignore_index=-1, reduction=reduction)
         total = (F.cross_entropy(flat, targets, ignore_index=-1, reduction="none") * w).sum()
         return logits, total if reduction == "sum" else total / w.sum().clamp(min=1e-8)
+
+    def class_loss(self, h: Tensor, targets: Tensor, reduction: str) -> Tensor:
+        """The mlp head's cross-entropy at the positions whose target is a class token (the
+        <CLS> position): one target per example, whatever else targets holds."""
+        is_class = torch.isin(targets, self.cls_ids)  # (B, T)
+        labels = (targets[is_class].unsqueeze(1) == self.cls_ids).int().argmax(1)  # (N,) class index
+        logits = self.cls_mlp(h[is_class]).float()  # (N, n_class)
+        return F.cross_entropy(logits, labels, reduction=reduction)
+
+    def target_count(self, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+        """How many targets forward()'s summed loss covers, for the training loop's mean: the
+        weights' sum (or the targets that are not -1); with the mlp head, one per example."""
+        if self.config.cls_head == "mlp":
+            return torch.isin(targets, self.cls_ids).sum()
+        return (targets != -1).sum() if weights is None else weights.sum()
 
     # ------------------------------------------------------------------ generation
 

@@ -6,6 +6,7 @@ Use a trained checkpoint: continue text, chat, or classify. Needs nothing but we
     python sample.py --out_dir=weight/shakespeare_char_cpu --start=FILE:prompt.txt
     python sample.py --out_dir=weight/sft_alpaca --chat [--system="You are terse."]
     python sample.py --out_dir=weight/tiny_cls --classify [--split=val | --jsonl=FILE]
+    python sample.py --out_dir=weight/tiny_cls --classify --image=PATH_OR_FOLDER
 """
 import json
 import os
@@ -42,6 +43,8 @@ class SampleConfig:
     classify: bool = False
     split: str = setting("val", choices=("train", "val"))
     jsonl: str = ""  # classify the examples of this JSONL file instead of a split
+    image: str = ""  # classify this image file, or every image under this folder
+    skip_bad: bool = False  # --image folder: pass over unreadable images (counted) instead of stopping
     batch_size: int = setting(64, lo=1)
 
     def __post_init__(self):
@@ -215,13 +218,19 @@ def chat(cfg: SampleConfig) -> None:
 
 # ----------------------------------------------------------------------------- classify
 
+def run_folder(out_dir: str) -> str:
+    return out_dir if os.path.isdir(out_dir) else os.path.dirname(out_dir)
+
+
 def classify(cfg: SampleConfig) -> dict:
-    from classify import evaluate, report
+    from classify import class_names, evaluate, report
     model, tok, ckpt, run = load(cfg)
     meta = ckpt["tokenizer"]
     if meta.get("task") != "classify":
         raise ConfigError(f"{cfg.out_dir} was not trained on a classification dataset "
                           "(its tokenizer has no class tokens)")
+    if cfg.image:
+        return classify_images(cfg, model, tok, ckpt, run)
     if cfg.jsonl:
         from prepare.tiny_cls import read_jsonl
         seqs, labels = read_jsonl(cfg.jsonl, tok, max_length=model.config.block_size + 1)
@@ -234,13 +243,13 @@ def classify(cfg: SampleConfig) -> dict:
                           model.config.vocab_size, shuffle=False)
         batches, source = loader_batches(loader, run.device), f"{data_dir} {cfg.split}"
     out = evaluate(model, batches, meta, run.autocast)
-    result = report(out["pred"], out["label"], out["confidence"], len(meta["class_tokens"]))
+    result = report(out["pred"], out["label"], out["confidence"], len(meta["class_tokens"]),
+                    class_names(meta))
     result["source"] = source
     print_report(result)
-    path = os.path.join(cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir),
-                        "cls_eval.json")
+    path = os.path.join(run_folder(cfg.out_dir), "cls_eval.json")
     with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=1)
+        json.dump(result, f, indent=1, ensure_ascii=False)
     print(f"wrote {path}")
     return result
 
@@ -262,12 +271,74 @@ def _jsonl_batches(seqs, labels, meta, batch_size, device):
 def print_report(r: dict) -> None:
     print(f"accuracy {100 * r['accuracy']:.2f}% on {r['n']} examples ({r['source']}), "
           f"mean confidence {r['mean_confidence']:.3f}")
-    print("class  precision  recall     f1  support")
-    for k, m in r["per_class"].items():
-        print(f"{k:>5}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
-    print("confusion (rows: true class, columns: predicted)")
+    width = max(5, *(len(name) for name in r["per_class"]))
+    print(f"{'class':>{width}}  precision  recall     f1  support")
+    for name, m in r["per_class"].items():
+        print(f"{name:>{width}}  {m['precision']:9.3f}  {m['recall']:6.3f}  {m['f1']:5.3f}  {m['support']:7d}")
+    print("confusion (rows: true class, columns: predicted; k is the k-th class above)")
     for k, row in enumerate(r["confusion"]):
         print(f"{k:>5}  " + " ".join(f"{v:4d}" for v in row))
+
+
+def classify_images(cfg: SampleConfig, model, tok, ckpt, run) -> list[dict]:
+    """Classify one image file, or every image under a folder: one line each (path, class,
+    probability); for a folder, also <run>/cls_images.csv. An image inside a folder named
+    after a class is scored against it, and the accuracy printed."""
+    import csv
+    from classify import class_names, class_probs, class_token_ids, image_ids
+    from prepare.codebook import ImageError, image_codebook, image_pixels, read_image
+    from prepare.tiny_cls import image_files
+    meta = ckpt["tokenizer"]
+    dataset = ckpt.get("train_config", {}).get("dataset", "")
+    try:
+        book = image_codebook(meta, dataset if os.path.isdir(dataset) else os.path.join("data", dataset))
+    except ValueError as e:
+        raise ConfigError(f"{cfg.out_dir}: {e}") from None
+    if not os.path.exists(cfg.image):
+        raise ConfigError(f"--image={cfg.image}: no such file or folder", "image")
+    folder = os.path.isdir(cfg.image)
+    paths = image_files(cfg.image, {}) if folder else [cfg.image]
+    if not paths:
+        raise ConfigError(f"--image={cfg.image}: no image files (PNG, JPEG, BMP, ...) in this folder", "image")
+    names, rows, bad = class_names(meta), [], 0
+    cls_id, ids_of_classes = meta["special_tokens"][meta["cls_token"]], class_token_ids(meta)
+    for lo in range(0, len(paths), cfg.batch_size):
+        batch, seqs = [], []
+        for path in paths[lo:lo + cfg.batch_size]:
+            try:
+                pixels = image_pixels(read_image(path), book)
+            except (ImageError, OSError) as e:
+                if not (folder and cfg.skip_bad):
+                    raise ConfigError(f"{path}: {e}" + ("; pass --skip_bad to pass over unreadable "
+                                                        "images" if folder else "")) from None
+                bad += 1
+                continue
+            batch.append(path)
+            seqs.append(image_ids(tok, book, pixels, model.config.block_size))
+        if not seqs:
+            continue
+        x = torch.tensor(seqs, dtype=torch.long, device=run.device)  # every image: the same length
+        with run.autocast:
+            probs = class_probs(model, x, cls_id, ids_of_classes).float().cpu()
+        for path, p in zip(batch, probs):
+            k = int(p.argmax())
+            parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+            rows.append({"path": path, "class": names[k], "probability": round(float(p[k]), 6),
+                         "true_class": parent if folder and parent in names else ""})
+            print(f"{path}\t{names[k]}\t{float(p[k]):.4f}")
+    if folder:
+        labelled = [r for r in rows if r["true_class"]]
+        if labelled:
+            right = sum(r["class"] == r["true_class"] for r in labelled)
+            print(f"accuracy {100 * right / len(labelled):.2f}% on the {len(labelled)} images in "
+                  "folders named after a class")
+        path = os.path.join(run_folder(cfg.out_dir), "cls_images.csv")
+        with atomic_write(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["path", "class", "probability", "true_class"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path} ({len(rows)} images" + (f", {bad} unreadable skipped)" if bad else ")"))
+    return rows
 
 
 def main(argv=None) -> None:

@@ -16,7 +16,6 @@ import base64
 import binascii
 import collections
 import hmac
-import io
 import json
 import os
 import queue
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from classify import class_names
 from common import ConfigError, cli, load_config
 from model import check_settings, setting
 from tokenizer import CHAT_TOKENS
@@ -318,102 +318,51 @@ def validation_message(e: ValidationError) -> str:
 
 # ----------------------------------------------------------------------------- images
 
-# How far the ink's bounding box reaches across the image in each training set: the UCI
-# digits were scaled to fill their 32x32 box (then pooled to 8x8); MNIST fits each digit
-# in 20 of 28 pixels.
-INK_FILL = {(8, 8): 1.0, (28, 28): 20 / 28}
-
-
-def decode_png(text: str) -> np.ndarray:
-    """A base64 PNG (or data: URL) -> ink in [0, 1], (H, W). Dark strokes on a light or
-    transparent ground are ink; when the border is dark (MNIST style), the light strokes are."""
-    from PIL import Image, UnidentifiedImageError
+def decode_png(text: str):
+    """A base64 PNG (or data: URL) -> a PIL image; what is wrong with it is a 4xx."""
+    from prepare.codebook import ImageError, read_image
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
-        img = Image.open(io.BytesIO(base64.b64decode(text, validate=True)))
+        raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "image: not valid base64") from None
-    except UnidentifiedImageError:
-        raise ApiError(400, "image: not a PNG file") from None
-    if img.format != "PNG":
-        raise ApiError(400, f"image: a {img.format} file; send a PNG")
+    if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
+        raise ApiError(400, "image: not a PNG file; send a PNG")
+    try:
+        img = read_image(raw)
+    except ImageError as e:
+        raise ApiError(413 if "too large" in str(e) else 400, f"image: {e}") from None
     if img.width * img.height > 4096 * 4096:
         raise ApiError(413, f"image: {img.width}x{img.height} is too large (at most 4096x4096)")
-    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0  # (H, W, 4)
-    light = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    light = light * rgba[..., 3] + (1.0 - rgba[..., 3])  # transparent is the (white) ground
-    ink = 1.0 - light
-    border = np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])
-    return 1.0 - ink if border.mean() > 0.5 else ink
-
-
-def fit_ink(ink: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Crop ink to its bounding box, centre it in a square sized as the training images were,
-    and average it down to shape: (h, w) in [0, 1]. A blank image stays blank."""
-    from PIL import Image
-    rows, cols = np.nonzero(ink > 0.1)
-    if len(rows) == 0:
-        return np.zeros(shape, dtype=np.float32)
-    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    side = int(np.ceil(max(crop.shape) / INK_FILL.get(tuple(shape), 1.0)))
-    square = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
-    square[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
-    small = Image.fromarray(square, mode="F").resize((shape[1], shape[0]), Image.Resampling.BOX)
-    return np.clip(np.asarray(small), 0.0, 1.0)
-
-
-def image_codebook(s: Served) -> dict:
-    """The codebook that turns this classifier's images into tokens (a k-means codebook's
-    centroids live beside its dataset, not in the checkpoint)."""
-    from prepare.codebook import load_codebook
-    book = dict(s.meta.get("codebook") or {})
-    if book.get("kind") in (None, "none"):
-        raise ApiError(400, f"{s.name} was trained on tokenized JSONL, not images: send tokens")
-    if book["kind"] == "kmeans":
-        path = os.path.join(str(s.train_config.get("dataset", "")), book.get("file") or "codebook.npz")
-        path = path if os.path.exists(path) else os.path.join("data", path)
-        if not os.path.exists(path):
-            raise ApiError(400, f"{s.name}: its k-means codebook ({path}) is not on this machine; "
-                                "send tokens, or run prepare/tiny_cls.py for its dataset")
-        book = load_codebook(path)
-    return book
+    return img
 
 
 def image_ids(s: Served, text: str) -> tuple[list[int], list[list[int]]]:
-    """(token ids <IMG> codes </IMG> <CLS>, the grid the model saw, in levels of max_value)."""
-    from prepare.codebook import encode_images
-    book = image_codebook(s)
-    shape = tuple(book["image_shape"])
-    pixels = np.rint(fit_ink(decode_png(text), shape) * book["max_value"])
-    codes = encode_images(pixels[None], book)[0]
-    first = s.tok.stoi["<Z_000>"]
-    return wrap_codes(s, [first + int(c) for c in codes]), pixels.astype(int).tolist()
+    """(token ids <IMG> codes </IMG> <CLS>, the grid the model saw, in levels of max_value),
+    through the functions that prepared its training images."""
+    from classify import image_ids as encode
+    from prepare.codebook import image_codebook, image_pixels
+    try:
+        book = image_codebook(s.meta, dataset_path(s.train_config.get("dataset", "")))
+        pixels = image_pixels(decode_png(text), book)
+        return encode(s.tok, book, pixels, s.model.config.block_size), pixels.astype(int).tolist()
+    except ValueError as e:
+        raise ApiError(400, f"{s.name}: {e}") from None
+
+
+def dataset_path(name: str) -> str:
+    """data/<name>, or name itself when it is a folder (as train.py resolves a dataset)."""
+    return name if os.path.isdir(name) else os.path.join("data", name)
 
 
 def token_ids(s: Served, tokens: list) -> list[int]:
     """Ids or names of an image's tokens -> <IMG> codes </IMG> <CLS>, as training saw them."""
-    from prepare.tiny_cls import split_image
-    names = s.tok.tokens
-    for i, t in enumerate(tokens):
-        if isinstance(t, int) and not 0 <= t < len(names):
-            raise ApiError(400, f"tokens.{i}: id {t} is outside this vocabulary (0..{len(names) - 1})")
-        if isinstance(t, str) and t not in s.tok.stoi:
-            raise ApiError(400, f"tokens.{i}: {t!r} is not in this vocabulary")
-    words, _ = split_image([names[t] if isinstance(t, int) else t for t in tokens])
-    if not words:
-        raise ApiError(400, "tokens: no image tokens before the </IMG> <CLS> tail")
-    return wrap_codes(s, [s.tok.stoi[w] for w in words])
-
-
-def wrap_codes(s: Served, codes: list[int]) -> list[int]:
-    from prepare.tiny_cls import CLS, END_IMG, IMG
-    ids = [s.tok.stoi[IMG]] + codes + [s.tok.stoi[END_IMG], s.tok.stoi[CLS]]
-    if len(ids) > s.model.config.block_size:
-        raise ApiError(400, f"tokens: {len(ids)} tokens with the markers; {s.name} reads at most "
-                            f"{s.model.config.block_size}")
-    return ids
+    from classify import token_ids as wrap
+    try:
+        return wrap(s.tok, tokens, s.model.config.block_size)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from None
 
 
 # ----------------------------------------------------------------------------- the app
@@ -658,7 +607,7 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
             ids = token_ids(s, req.tokens)
         probs = [p async for p in job_items(submit(classify_steps(s, ids)), request)][0]
         k = int(np.argmax(probs))
-        out = {"model": s.name, "class": k, "class_name": class_name(s.meta["class_tokens"][k]),
+        out = {"model": s.name, "class": k, "class_name": class_names(s.meta)[k],
                "probabilities": [round(p, 6) for p in probs], "tokens": len(ids)}
         if grid is not None:
             out["input"] = grid  # the image as the model saw it, for the page's preview
@@ -673,13 +622,8 @@ def model_card(s: Served, cfg: ServeConfig) -> dict:
             "kind": s.kind, "context": s.model.config.block_size,
             "parameters": s.model.num_params(non_embedding=False), "max_tokens": cfg.max_tokens}
     if s.kind == "classifier":
-        card["classes"] = [class_name(t) for t in s.meta["class_tokens"]]
+        card["classes"] = class_names(s.meta)
     return card
-
-
-def class_name(token: str) -> str:
-    """<CLS_3> -> "3"."""
-    return token[len("<CLS_"):-1] if token.startswith("<CLS_") else token
 
 
 def chat_prompt(s: Served, messages: list[dict], max_tokens: int) -> list[int]:

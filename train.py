@@ -84,6 +84,10 @@ class TrainConfig(GPTConfig):
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr = {self.min_lr} is above learning_rate = {self.learning_rate}; "
                               "the schedule decays from learning_rate to min_lr", "min_lr")
+        if self.cls_head == "mlp" and self.prompt_loss_weight > 0:
+            raise ConfigError(f"cls_head = 'mlp' learns from the class alone, so prompt_loss_weight = "
+                              f"{self.prompt_loss_weight} would do nothing; set --prompt_loss_weight=0 "
+                              "(or use cls_head = 'lm')", "prompt_loss_weight")
 
 
 # ----------------------------------------------------------------------------- setup
@@ -97,7 +101,11 @@ def model_config_for(cfg, meta: dict) -> GPTConfig:
     elif vocab_size < v:
         raise ConfigError(f"vocab_size = {vocab_size} is smaller than the dataset's {v}; leave "
                           "it at 0 to take the dataset's", "vocab_size")
-    return gpt_config(cfg, vocab_size=vocab_size)
+    if cfg.cls_head == "mlp" and meta.get("task") != "classify":
+        raise ConfigError(f"cls_head = 'mlp' classifies, but dataset {cfg.dataset!r} has no classes; "
+                          "prepare one with prepare/tiny_cls.py", "cls_head")
+    n_class = len(meta["class_tokens"]) if cfg.cls_head == "mlp" else cfg.n_class
+    return gpt_config(cfg, vocab_size=vocab_size, n_class=n_class)
 
 
 def make_loaders(cfg, data_dir: str, meta: dict, run: Runtime, vocab_size: int) -> dict:
@@ -201,7 +209,7 @@ def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
         for x, y, w in batches:
             with run.autocast:
                 _, loss = model(x, y, w, loss_only=isinstance(loader, Examples), reduction="sum")
-            n = (y != -1).sum() if w is None else w.sum()
+            n = model.target_count(y, w)
             total += torch.stack([loss.float(), n.float()])
         loss_sum, count = all_reduce_sum(total, run).tolist()
         if count == 0:
@@ -376,7 +384,7 @@ class Trainer:
         for micro in range(self.accum):
             x, y, w = self.loaders["train"].get_batch(run.device)
             self.tokens_since += x.numel() * run.world_size
-            count += (y != -1).sum() if w is None else w.sum()
+            count += self.raw_model.target_count(y, w)
             # DDP: average gradients across processes on the last micro-step only
             last = micro == self.accum - 1
             with nullcontext() if not run.ddp or last else self.model.no_sync():
@@ -600,6 +608,9 @@ def main(argv=None) -> dict:
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
     model, model_cfg, lora_base = init_weights(cfg, meta, model_config_for(cfg, meta))
+    if model_cfg.cls_head == "mlp":  # the head finds its targets by the class tokens' ids
+        from classify import class_token_ids
+        model.cls_ids.copy_(torch.tensor(class_token_ids(meta)))
     state = resume_state(cfg, run, model_cfg)
     if state is not None and state.get("lora_base"):  # adapters: their base comes from its path
         model, lora_base = lora_model(state, cfg.out_dir), state["lora_base"]

@@ -10,12 +10,23 @@ saved as data/<name>/codebook.npz beside the bins:
 
     codebook = load_codebook("data/tiny_cls_mnist/codebook.npz")
     codes = encode_images(images, codebook)  # (N, H, W) -> (N, T) ints; token <Z_k> is code k
+
+It also holds the one way an image file becomes pixels (read_image, image_pixels): prepare's
+--image_dir, `sample.py --image` and the server's drawings all go through it, with the settings
+the codebook records (size, fit, polarity), so a training image and a classified one cannot
+be preprocessed differently.
 """
 import os
 
 import numpy as np
 
 SEED = 1337
+# How far the ink's bounding box reaches across the image in each training set: the UCI
+# digits were scaled to fill their 32x32 box (then pooled to 8x8); MNIST fits each digit
+# in 20 of 28 pixels. fit="ink" codebooks record theirs; older ones are looked up here.
+INK_FILL = {(8, 8): 1.0, (28, 28): 20 / 28}
+MAX_SIDE = 2048  # larger images are box-reduced first, so a photo never costs gigabytes
+SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def pool_images(images: np.ndarray, pool: int, max_value: float) -> np.ndarray:
@@ -136,3 +147,144 @@ def load_codebook(path: str) -> dict:
     for key in ("image_shape", "grid"):
         codebook[key] = codebook[key].tolist()
     return codebook
+
+
+def codebook_meta(codebook: dict) -> dict:
+    """The codebook as plain JSON for meta.json (and so for every checkpoint trained on it):
+    k-means centroids as base64 float32 bytes, exact and compact, so that a run folder alone
+    can encode new images."""
+    import base64
+    meta = {k: v for k, v in codebook.items() if k != "centroids"}
+    if "centroids" in codebook:
+        c = np.ascontiguousarray(codebook["centroids"], dtype="<f4")
+        meta.update(centroids_b64=base64.b64encode(c.tobytes()).decode("ascii"),
+                    centroids_shape=list(c.shape))
+    return meta
+
+
+# ----------------------------------------------------------------------------- image files
+
+class ImageError(ValueError):
+    """An image that cannot be read; callers add the file name (or the request field)."""
+
+
+def read_image(source):
+    """A PIL image from a path or bytes, decoded now (so a corrupt file fails here), turned
+    upright by its EXIF orientation. Any format Pillow reads: PNG, JPEG, BMP, GIF, WebP, TIFF.
+    A file that cannot be opened is an OSError; one that is not a readable image, ImageError."""
+    import io
+    from PIL import Image, ImageOps, UnidentifiedImageError
+    if not isinstance(source, bytes):
+        with open(source, "rb") as f:
+            source = f.read()
+    try:
+        img = Image.open(io.BytesIO(source))
+    except UnidentifiedImageError:
+        raise ImageError("not an image file Pillow can read (PNG, JPEG, BMP, ...)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"too large to decode safely ({e})") from None
+    try:
+        img.load()
+        return ImageOps.exif_transpose(img)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise ImageError(f"a broken {img.format or 'image'} file ({e})") from None
+
+
+def image_ink(img, polarity: str = "auto") -> np.ndarray:
+    """A PIL image of any mode -> ink in [0, 1], (H, W). Lightness is gray-weighted RGB with
+    transparency over a white ground; 16-bit images keep their range. polarity says which side
+    is ink: dark (strokes on paper), light (MNIST, photos as they are), or auto: whichever the
+    border is not, so dark-on-light drawings and light-on-dark digits both become ink."""
+    from PIL import Image
+    if img.mode in SIXTEEN_BIT:
+        img = Image.fromarray(np.asarray(img, dtype=np.float32) / 65535.0)
+    elif img.mode != "F":
+        img = img.convert("RGBA")
+    if max(img.size) > MAX_SIDE:
+        img = img.reduce(-(-max(img.size) // MAX_SIDE))  # box average, ceil factor
+    if img.mode == "F":
+        light = np.clip(np.asarray(img, dtype=np.float32), 0.0, 1.0)
+    else:
+        rgba = np.asarray(img, dtype=np.float32) / 255.0  # (H, W, 4)
+        light = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        light = light * rgba[..., 3] + (1.0 - rgba[..., 3])  # transparent is the (white) ground
+    if polarity == "light":
+        return light
+    ink = 1.0 - light
+    if polarity == "auto":
+        border = np.concatenate([ink[0], ink[-1], ink[:, 0], ink[:, -1]])
+        return 1.0 - ink if border.mean() > 0.5 else ink
+    return ink
+
+
+def resize(x: np.ndarray, shape) -> np.ndarray:
+    """(h, w) floats resized to shape: box averages when shrinking, bilinear when enlarging."""
+    from PIL import Image
+    if tuple(x.shape) == tuple(shape):
+        return x
+    shrink = x.shape[0] >= shape[0] and x.shape[1] >= shape[1]
+    method = Image.Resampling.BOX if shrink else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(x.astype(np.float32)).resize((shape[1], shape[0]), method))
+
+
+def fit_ink(ink: np.ndarray, shape, fill: float) -> np.ndarray:
+    """Crop ink to its bounding box, centre it in a square that it fills a fraction fill of,
+    and average it down to shape: (h, w) in [0, 1]. A blank image stays blank."""
+    from PIL import Image
+    rows, cols = np.nonzero(ink > 0.1)
+    if len(rows) == 0:
+        return np.zeros(shape, dtype=np.float32)
+    crop = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    side = int(np.ceil(max(crop.shape) / fill))
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+    square[top:top + crop.shape[0], left:left + crop.shape[1]] = crop
+    small = Image.fromarray(square).resize((shape[1], shape[0]), Image.Resampling.BOX)
+    return np.clip(np.asarray(small), 0.0, 1.0)
+
+
+def fit_pad(ink: np.ndarray, shape) -> np.ndarray:
+    """Scale ink to fit inside shape keeping its aspect ratio and centre it on a blank
+    ground: (h, w) in [0, 1]. An image of exactly shape is left as it is."""
+    H, W = shape
+    scale = min(H / ink.shape[0], W / ink.shape[1])
+    h, w = max(1, min(H, round(ink.shape[0] * scale))), max(1, min(W, round(ink.shape[1] * scale)))
+    out = np.zeros(shape, dtype=np.float32)
+    top, left = (H - h) // 2, (W - w) // 2
+    out[top:top + h, left:left + w] = resize(ink, (h, w))
+    return np.clip(out, 0.0, 1.0)
+
+
+def image_pixels(img, codebook: dict) -> np.ndarray:
+    """A PIL image -> (H, W) float pixels in 0..max_value (whole numbers), as the codebook's
+    training images were made: its polarity, its fit ("pad": the whole image letterboxed;
+    "ink": the strokes cropped and centred), its image_shape. Codebooks from before these keys
+    were recorded are the digits' and MNIST's: auto polarity, ink fit, INK_FILL."""
+    shape = tuple(codebook["image_shape"])
+    ink = image_ink(img, codebook.get("polarity", "auto"))
+    if codebook.get("fit", "ink") == "pad":
+        fitted = fit_pad(ink, shape)
+    else:
+        fitted = fit_ink(ink, shape, codebook.get("ink_fill", INK_FILL.get(shape, 1.0)))
+    return np.rint(fitted * codebook["max_value"])
+
+
+def image_codebook(meta: dict, data_dir: str) -> dict:
+    """The codebook that turns a classifier's images into tokens: from its tokenizer meta (a
+    checkpoint's or a meta.json), where image datasets keep it whole; an older k-means dataset
+    kept its centroids only in data_dir/codebook.npz. ValueError says what is missing."""
+    book = dict(meta.get("codebook") or {})
+    if book.get("kind") in (None, "none"):
+        raise ValueError("this classifier was trained on tokenized JSONL, not images: it reads "
+                         "tokens, not pictures")
+    if "centroids_b64" in book:
+        import base64
+        raw = base64.b64decode(book.pop("centroids_b64"))
+        book["centroids"] = np.frombuffer(raw, dtype="<f4").reshape(book.pop("centroids_shape"))
+    elif book["kind"] == "kmeans":
+        path = os.path.join(data_dir, book.get("file") or "codebook.npz")
+        if not os.path.exists(path):
+            raise ValueError(f"its k-means codebook ({path}) is not on this machine; run "
+                             "prepare/tiny_cls.py for its dataset again")
+        return load_codebook(path)
+    return book

@@ -10,8 +10,20 @@ position is <CLS_k>, and the model's class is its next-token choice there among 
   python prepare/tiny_cls.py --mnist_dir DIR           # MNIST idx files     -> data/tiny_cls_mnist
   python prepare/tiny_cls.py --jsonl FILE --vocab vocab.json [--val_jsonl FILE]
                                                        # tokenized JSONL     -> data/tiny_cls_jsonl
-Writes train/val .bin + .idx + .mask.bin, meta.json (tokenizer, classes, codebook, provenance)
-and, for images, codebook.npz, which encode_images() uses to turn new images into the same codes.
+  python prepare/tiny_cls.py --image_dir DIR [--name NAME]
+                                                       # image files         -> data/tiny_cls_images
+Writes train/val .bin + .idx + .mask.bin, meta.json (tokenizer, class names, the codebook whole,
+provenance) and, for images, codebook.npz, which encode_images() uses to turn new images into
+the same codes.
+
+Image folders: DIR/train/<class>/* and DIR/val/<class>/* (without val/, or with one folder per
+class, DIR/<class>/*, a stratified, seeded --val_frac of each class goes to val). Class names
+are the folder names, any strings, sorted: class k is <CLS_k>. Any image Pillow reads (PNG,
+JPEG, BMP, ...; any size or mode) becomes gray ink (--polarity), fitted to --image_size
+(--fit pad: letterboxed; ink: strokes cropped and centred) as 0..255 pixels, by the same
+function (prepare.codebook.image_pixels) that sample.py --image and the server use; those
+settings are recorded in the codebook. An unreadable image is an error naming it (--skip_bad:
+left out and counted).
 
 Codebooks (--codebook, every parameter a flag):
   levels  one token per pixel, intensity rounded to --levels L values. On the 8x8 digits (values
@@ -31,6 +43,7 @@ The embedded digits (prepare/digits.npz: 1,797 8x8 images, values 0..16, labels 
 import argparse
 import gzip
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -45,7 +58,8 @@ import tokenizer
 from common import cli
 from data import DataError
 from prepare import decode_utf8, open_input, read_utf8
-from prepare.codebook import encode_images, fit_codebook, save_codebook
+from prepare.codebook import (INK_FILL, ImageError, codebook_meta, encode_images, fit_codebook,
+                              image_pixels, read_image, save_codebook)
 
 DIGITS_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
 NUM_CLASSES = 10
@@ -59,13 +73,17 @@ MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
 DEFAULTS = {
     # 4 shifted copies of each train image (zero-filled shifts of up to 1 pixel): see README
     "digits": dict(name="tiny_cls", codebook="levels", levels=17, patch=2, codes=256, pool=1,
-                   augment=4, max_shift=1),
+                   augment=4, max_shift=1, num_classes=NUM_CLASSES),
     # 2 copies shifted by up to 2 of 28 pixels: see the README for the measured effect
     "mnist": dict(name="tiny_cls_mnist", codebook="kmeans", levels=17, patch=4, codes=256, pool=1,
-                  augment=2, max_shift=2),
-    "jsonl": dict(name="tiny_cls_jsonl"),
+                  augment=2, max_shift=2, num_classes=NUM_CLASSES),
+    "jsonl": dict(name="tiny_cls_jsonl", num_classes=NUM_CLASSES),
+    # image folders: MNIST's recipe at 28x28 (the whole image letterboxed, gray, ink by border)
+    "folder": dict(name="tiny_cls_images", codebook="kmeans", levels=17, patch=4, codes=256,
+                   pool=1, augment=2, max_shift=2, image_size=(28, 28), fit="pad",
+                   polarity="auto"),
 }
-MAX_VALUE = {"digits": 16, "mnist": 255}  # pixel value that means "full ink"
+MAX_VALUE = {"digits": 16, "mnist": 255, "folder": 255}  # pixel value that means "full ink"
 
 
 def class_token(k: int) -> str:
@@ -169,6 +187,143 @@ def shift_copies(images: np.ndarray, n: int, max_shift: int = 1, seed: int = SEE
         for o, (dy, dx) in enumerate(offsets):
             copies[j, pick == o] = shift(images[pick == o], dy, dx)
     return copies.reshape(-1, *images.shape[1:])
+
+
+# ----------------------------------------------------------------------------- image folders
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_files(folder: str, stats: dict) -> list[str]:
+    """Every image file under folder (any depth), sorted; hidden files are passed over and
+    files without an image extension are counted in stats["not_images"]."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(root, name))
+            else:
+                stats["not_images"] = stats.get("not_images", 0) + 1
+    return found
+
+
+def class_folders(split_dir: str, stats: dict) -> dict[str, list[str]]:
+    """{class name: its image files} for the folders of split_dir; the name is the folder's."""
+    names = sorted(d for d in os.listdir(split_dir)
+                   if not d.startswith(".") and os.path.isdir(os.path.join(split_dir, d)))
+    loose = [f for f in os.listdir(split_dir) if os.path.isfile(os.path.join(split_dir, f))
+             and not f.startswith(".")]
+    stats["outside_class_folders"] = stats.get("outside_class_folders", 0) + len(loose)
+    return {name: image_files(os.path.join(split_dir, name), stats) for name in names}
+
+
+def find_image_folders(image_dir: str, stats: dict) -> tuple[str, dict, dict | None]:
+    """(the train folder, train {class: files}, val {class: files} or None when val is to be
+    split off): DIR/train/<class>/* (+ DIR/val/<class>/*) or DIR/<class>/*."""
+    if not os.path.isdir(image_dir):
+        raise DataError(f"{image_dir}: no such folder; --image_dir wants DIR/<class>/* or "
+                        "DIR/train/<class>/* and DIR/val/<class>/*")
+    train_dir, val_dir = os.path.join(image_dir, "train"), os.path.join(image_dir, "val")
+    if not os.path.isdir(train_dir):
+        train_dir, val_dir = image_dir, None
+    else:
+        stats["ignored_folders"] = sorted(d for d in os.listdir(image_dir) if d not in ("train", "val")
+                                          and os.path.isdir(os.path.join(image_dir, d)))
+        val_dir = val_dir if os.path.isdir(val_dir) else None
+    train = class_folders(train_dir, stats)
+    val = class_folders(val_dir, stats) if val_dir else None
+    if not train:
+        raise DataError(f"{train_dir}: no class folders; put each class's images in "
+                        f"{train_dir}/<class>/")
+    empty = [name for name, files in train.items() if not files]
+    if empty:
+        raise DataError(f"{os.path.join(train_dir, empty[0])}: no image files (PNG, JPEG, BMP, "
+                        "...); a class needs train images: add some or remove the folder")
+    unknown = sorted(set(val or {}) - set(train))
+    if unknown:
+        raise DataError(f"{os.path.join(val_dir, unknown[0])}: class {unknown[0]!r} has no train "
+                        "folder, so the model could never answer it; add "
+                        f"{os.path.join(train_dir, unknown[0])}/ or remove it from val")
+    return train_dir, train, val
+
+
+def pixel_settings(args) -> dict:
+    """How a file becomes pixels, recorded in the codebook so every later image is read alike."""
+    settings = {"image_shape": list(args.image_size), "fit": args.fit, "polarity": args.polarity,
+                "max_value": 255}
+    if args.fit == "ink":
+        settings["ink_fill"] = args.ink_fill
+    return settings
+
+
+def load_one(job: tuple[str, dict]) -> tuple[np.ndarray | None, str | None]:
+    """(uint8 pixels, None) or (None, why not) for one file; runs in a worker process."""
+    path, settings = job
+    try:
+        return image_pixels(read_image(path), settings).astype(np.uint8), None
+    except (ImageError, OSError) as e:
+        return None, str(e)
+
+
+def read_all(jobs: list, workers: int):
+    """load_one over jobs, in order, in worker processes when there are many."""
+    if workers == 1:
+        yield from map(load_one, jobs)
+        return
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap(load_one, jobs, chunksize=256)
+
+
+def load_image_files(paths: list[str], settings: dict, skip_bad: bool, stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """((N, H, W) uint8 pixels, indices of the paths they came from). A file that cannot be read
+    is an error naming it, or, with skip_bad, left out and counted in stats["bad_files"]."""
+    workers = min(os.cpu_count() or 1, 8) if len(paths) >= 2000 else 1
+    results = read_all([(path, settings) for path in paths], workers)
+    pixels, kept = [], []
+    for i, (image, error) in enumerate(tqdm(results, total=len(paths), desc="reading images",
+                                            disable=None, leave=False)):
+        if image is not None:
+            pixels.append(image)
+            kept.append(i)
+        elif skip_bad:
+            stats["bad_files"] = stats.get("bad_files", 0) + 1
+            stats.setdefault("bad_examples", []).append(paths[i]) if stats["bad_files"] <= 5 else None
+        else:
+            raise DataError(f"{paths[i]}: {error}; replace or remove it, or pass --skip_bad to "
+                            "leave unreadable images out (counted)")
+    shape = tuple(settings["image_shape"])
+    return np.stack(pixels) if pixels else np.zeros((0, *shape), np.uint8), np.array(kept, dtype=np.int64)
+
+
+def load_image_dir(args, stats: dict) -> tuple[list[str], dict]:
+    """(class names, {split: (pixels (N, H, W) uint8, labels)}) from --image_dir."""
+    _, train, val = find_image_folders(args.image_dir, stats)
+    names = sorted(train)
+    settings = pixel_settings(args)
+    splits = {}
+    for split, folders in (("train", train), ("val", val)):
+        if folders is None:
+            continue
+        paths = [path for name in names for path in folders.get(name, [])]
+        labels = np.array([k for k, name in enumerate(names) for _ in folders.get(name, [])], np.int64)
+        pixels, kept = load_image_files(paths, settings, args.skip_bad, stats)
+        splits[split] = (pixels, labels[kept])
+    if val is None:  # one folder per class: a stratified, seeded share goes to val
+        pixels, labels = splits["train"]
+        train_idx, val_idx = stratified_split(labels, args.val_frac, args.seed)
+        splits = {"train": (pixels[train_idx], labels[train_idx]), "val": (pixels[val_idx], labels[val_idx])}
+        if not len(val_idx):
+            raise DataError(f"{args.image_dir}: its {len(labels)} images leave the val split empty "
+                            f"with --val_frac {args.val_frac} (each class gives round(count x "
+                            "val_frac) to val); add images, raise --val_frac, or make val/<class>/ "
+                            "folders beside train/")
+    elif not len(splits["val"][0]):
+        raise DataError(f"{os.path.join(args.image_dir, 'val')}: no readable images; put some in "
+                        "val/<class>/, or remove val/ to split train by --val_frac")
+    return names, splits
 
 
 # ----------------------------------------------------------------------------- token sequences
@@ -300,9 +455,18 @@ def read_jsonl(path: str, tok, max_length: int = 1024, num_classes: int = NUM_CL
 
 # ----------------------------------------------------------------------------- the two pipelines
 
-def prepare_images(args, source: str):
-    """(tokenizer, {split: (sequences, labels)}, codebook, description) for digits or MNIST."""
-    if source == "mnist":
+def prepare_images(args, source: str, stats: dict):
+    """(tokenizer, {split: (sequences, labels)}, codebook, description, class names) for the
+    digits, MNIST or image folders."""
+    names = [str(k) for k in range(args.num_classes or NUM_CLASSES)]
+    if source == "folder":
+        names, loaded = load_image_dir(args, stats)
+        (train_x, train_y), (val_x, val_y) = loaded["train"], loaded["val"]
+        origin = f"image folders in {args.image_dir}"
+        if not len(train_x):
+            raise DataError(f"{args.image_dir}: none of the train images could be read "
+                            f"({stats.get('bad_files', 0)} skipped as unreadable)")
+    elif source == "mnist":
         mnist = load_mnist(args.mnist_dir)
         (train_x, train_y), (val_x, val_y) = mnist["train"], mnist["val"]
         origin = f"MNIST idx files in {args.mnist_dir} (t10k = val)"
@@ -312,12 +476,21 @@ def prepare_images(args, source: str):
         train_x, train_y, val_x, val_y = images[train], labels[train], images[val], labels[val]
         origin = ("UCI ML Repository, Optical Recognition of Handwritten Digits (E. Alpaydin, "
                   "C. Kaynak; CC BY 4.0), via scikit-learn: prepare/digits.npz")
-    top = int(max(train_y.max(), val_y.max()))
+    args.num_classes = len(names)
+    top = int(max(train_y.max(), val_y.max(initial=0)))
     if top >= args.num_classes:
         raise DataError(f"{origin}: label {top} but --num_classes is {args.num_classes}")
+    n_codes = args.levels if args.codebook == "levels" else args.codes
+    if len(MARKERS) + len(names) + n_codes > 65535:
+        raise DataError(f"{origin}: {len(names)} classes + {n_codes} codes + {len(MARKERS)} markers "
+                        "are more tokens than uint16 ids hold (65535); use fewer --codes")
     t0 = time.time()
     codebook = fit_codebook(train_x, args.codebook, MAX_VALUE[source], args.levels, args.patch,
                             args.codes, args.pool, args.seed)  # train images only
+    # how any later image (a drawing, a file) becomes pixels: recorded beside the codes
+    codebook.update(pixel_settings(args) if source == "folder" else
+                    {"fit": "ink", "polarity": "auto",
+                     "ink_fill": INK_FILL.get(tuple(train_x.shape[1:]), 1.0)})
     print(f"codebook {args.codebook}: {codebook['n_codes']} codes, {codebook['grid']} grid "
           f"({time.time() - t0:.1f}s)")
     if args.augment:
@@ -327,11 +500,12 @@ def prepare_images(args, source: str):
     tok = image_tokenizer(codebook["n_codes"], args.num_classes)
     splits = {"train": (image_sequences(encode_images(train_x, codebook), train_y, tok), train_y),
               "val": (image_sequences(encode_images(val_x, codebook), val_y, tok), val_y)}
-    return tok, splits, codebook, origin
+    return tok, splits, codebook, origin, names
 
 
 def prepare_jsonl(args, stats: dict):
-    """(tokenizer, {split: (sequences, labels)}, None, description) for a user's JSONL."""
+    """(tokenizer, {split: (sequences, labels)}, None, description, class names) for a
+    user's JSONL."""
     tok, added = load_vocab(args.vocab, args.num_classes)
     stats["added_tokens"] = added
     seqs, labels = read_jsonl(args.jsonl, tok, args.max_length, args.num_classes, stats)
@@ -342,7 +516,8 @@ def prepare_jsonl(args, stats: dict):
         train, val = stratified_split(labels, args.val_frac, args.seed)
         splits = {name: ([seqs[i] for i in idx], [labels[i] for i in idx])
                   for name, idx in (("train", train), ("val", val))}
-    return tok, splits, None, f"JSONL {args.jsonl} with vocab {args.vocab}"
+    names = [str(k) for k in range(args.num_classes)]
+    return tok, splits, None, f"JSONL {args.jsonl} with vocab {args.vocab}", names
 
 
 def check_splits(splits: dict, args, kind: str, origin: str) -> None:
@@ -381,11 +556,24 @@ def write_dataset(data_dir: str, tok, splits: dict, codebook, extra: dict) -> di
     return written
 
 
+def image_size(text: str) -> tuple[int, int]:
+    """--image_size: N (square) or HxW."""
+    try:
+        h, _, w = text.lower().partition("x")
+        size = (int(h), int(w or h))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N (square) or HxW, e.g. 28 or 32x24") from None
+    if min(size) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: sides must be at least 1 pixel")
+    return size
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--mnist_dir", help="folder with the four MNIST idx files (.gz or not)")
     source.add_argument("--jsonl", help='JSONL of {"tokens": "...", "label": k} (needs --vocab)')
+    source.add_argument("--image_dir", help="DIR/train/<class>/* [+ DIR/val/<class>/*] or DIR/<class>/*")
     p.add_argument("--vocab", help="vocab.json mapping token -> id, for --jsonl")
     p.add_argument("--val_jsonl", help="val split for --jsonl (default: 80/20 of --jsonl)")
     p.add_argument("--name", help="output folder data/<name> (default per source)")
@@ -395,15 +583,28 @@ def parse_args(argv=None):
     p.add_argument("--codes", type=int, help="kmeans: number of centroids")
     p.add_argument("--pool", type=int, help="average-pool FxF pixel blocks first")
     p.add_argument("--augment", type=int, default=None,
-                   help="shifted copies per train image (default: 4 for the digits, 2 for MNIST)")
+                   help="shifted copies per train image (default: 4 for the digits, 2 for MNIST "
+                        "and image folders)")
     p.add_argument("--max_shift", type=int, help="largest --augment shift in pixels (default: "
-                   "1 for the digits, 2 for MNIST)")
-    p.add_argument("--val_frac", type=float, default=0.2, help="val share when splitting")
+                   "1 for the digits, 2 for MNIST and image folders)")
+    p.add_argument("--image_size", type=image_size, help="--image_dir: N or HxW pixels every "
+                   "image is fitted to (default 28)")
+    p.add_argument("--fit", choices=["pad", "ink"], help="--image_dir: pad = the whole image "
+                   "scaled to fit and centred (default); ink = the strokes cropped and centred")
+    p.add_argument("--ink_fill", type=float, help="--fit ink: share of the side the strokes "
+                   "fill (default 20/28 as in MNIST; 1.0 for 8x8)")
+    p.add_argument("--polarity", choices=["auto", "dark", "light"], help="--image_dir: which "
+                   "side is ink: auto (the side the border is not; default), dark, light")
+    p.add_argument("--skip_bad", action="store_true", help="--image_dir: leave unreadable "
+                   "images out (counted) instead of stopping")
+    p.add_argument("--val_frac", "--val_fraction", dest="val_frac", type=float, default=0.2,
+                   help="val share when splitting")
     p.add_argument("--seed", type=int, default=SEED)
-    p.add_argument("--num_classes", type=int, default=NUM_CLASSES)
+    p.add_argument("--num_classes", type=int, help="classes of the digits, MNIST or JSONL "
+                   "(default 10); image folders are counted")
     p.add_argument("--max_length", type=int, default=1024, help="--jsonl: longest example kept")
     args = p.parse_args(argv)
-    kind = "mnist" if args.mnist_dir else "jsonl" if args.jsonl else "digits"
+    kind = "mnist" if args.mnist_dir else "jsonl" if args.jsonl else "folder" if args.image_dir else "digits"
     if (args.jsonl is None) != (args.vocab is None) or (args.val_jsonl and not args.jsonl):
         p.error("--jsonl and --vocab go together (and --val_jsonl needs them)")
     for key, low in (("levels", 2), ("codes", 2), ("patch", 1), ("pool", 1), ("augment", 0),
@@ -412,12 +613,25 @@ def parse_args(argv=None):
             p.error(f"--{key} must be at least {low}")
     if not 0 < args.val_frac < 1:
         p.error("--val_frac must be between 0 and 1")
+    if args.ink_fill is not None and not 0 < args.ink_fill <= 1:
+        p.error("--ink_fill must be above 0 and at most 1")
     image_flags = ("codebook", "levels", "patch", "codes", "pool", "augment", "max_shift")
     if kind == "jsonl" and any(getattr(args, f) for f in image_flags):
         p.error("codebook and --augment flags apply to images; a JSONL is already tokenized")
+    folder_flags = ("image_size", "fit", "ink_fill", "polarity", "skip_bad")
+    if kind != "folder" and any(getattr(args, f) for f in folder_flags):
+        p.error("--image_size, --fit, --ink_fill, --polarity and --skip_bad apply to --image_dir")
+    if kind == "folder" and args.num_classes is not None:
+        p.error("--num_classes: with --image_dir the classes are the class folders")
     for key, value in DEFAULTS[kind].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if kind == "folder":
+        args.ink_fill = args.ink_fill or INK_FILL.get(tuple(args.image_size), 20 / 28)
+        step = args.pool * (args.patch if args.codebook == "kmeans" else 1)
+        if args.image_size[0] % step or args.image_size[1] % step:
+            p.error(f"--image_size {args.image_size[0]}x{args.image_size[1]} must divide into "
+                    f"--pool x --patch = {step}-pixel blocks; pick a multiple of {step}")
     return args, kind
 
 
@@ -427,15 +641,15 @@ def main(argv=None) -> str:
     data_dir = os.path.join("data", args.name)
     stats = {}
     if kind == "jsonl":
-        tok, splits, codebook, origin = prepare_jsonl(args, stats)
+        tok, splits, codebook, origin, names = prepare_jsonl(args, stats)
     else:
-        tok, splits, codebook, origin = prepare_images(args, kind)
-    codebook_meta = {"kind": "none", "file": None, "note": "the JSONL came tokenized"}
+        tok, splits, codebook, origin, names = prepare_images(args, kind, stats)
+    book = {"kind": "none", "file": None, "note": "the JSONL came tokenized"}
     if codebook is not None:
-        codebook_meta = {k: v for k, v in codebook.items() if k != "centroids"}
-        codebook_meta.update(file="codebook.npz", first_code_id=tok.stoi[code_token(0)])
+        book = codebook_meta(codebook)
+        book.update(file="codebook.npz", first_code_id=tok.stoi[code_token(0)])
     extra = {"task": "classify", "class_tokens": class_tokens(args.num_classes), "cls_token": CLS,
-             "num_classes": args.num_classes, "codebook": codebook_meta,
+             "num_classes": args.num_classes, "class_names": names, "codebook": book,
              "source": {"script": "prepare/tiny_cls.py", "data": origin, "args": vars(args),
                         **stats}}
     check_splits(splits, args, kind, origin)
@@ -450,6 +664,16 @@ def main(argv=None) -> str:
         print("  unknown tokens -> <UNK>: {unknown_tokens}, fixed tails: {fixed_tails} (label "
               "disagreed: {label_conflicts}), truncated: {truncated}, added to vocab: "
               "{added_tokens}".format(**stats))
+    if kind == "folder":
+        print(f"  {len(names)} classes: {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}")
+        skipped = {"unreadable images skipped": stats.get("bad_files", 0),
+                   "files without an image extension": stats.get("not_images", 0),
+                   "files outside class folders": stats.get("outside_class_folders", 0)}
+        shown = ", ".join(f"{k}: {v}" for k, v in skipped.items() if v)
+        if shown or stats.get("ignored_folders"):
+            print(f"  left out: {shown or 'no files'}"
+                  + (f"; folders beside train/ and val/: {stats['ignored_folders']}"
+                     if stats.get("ignored_folders") else ""))
     return data_dir
 
 

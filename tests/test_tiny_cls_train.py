@@ -15,6 +15,7 @@ import train
 from common import load_model
 from conftest import ROOT
 from data import Examples
+from model import GPTConfig
 from prepare import tiny_cls
 
 CONFIG = os.path.join(ROOT, "config", "tiny_cls.py")
@@ -132,6 +133,7 @@ class PlantedLogits(torch.nn.Module):
     def __init__(self, logits: torch.Tensor):
         super().__init__()
         self.logits = logits
+        self.config = GPTConfig(cls_head="lm")  # classify reads the class off the LM head
 
     def body(self, x: torch.Tensor) -> torch.Tensor:
         assert x.shape == self.logits.shape[:2]
