@@ -290,7 +290,8 @@ def load_image_files(paths: list[str], settings: dict, skip_bad: bool, stats: di
             kept.append(i)
         elif skip_bad:
             stats["bad_files"] = stats.get("bad_files", 0) + 1
-            stats.setdefault("bad_examples", []).append(paths[i]) if stats["bad_files"] <= 5 else None
+            if stats["bad_files"] <= 5:  # a few names to look at, not a list as long as the set
+                stats.setdefault("bad_examples", []).append(paths[i])
         else:
             raise DataError(f"{paths[i]}: {error}; replace or remove it, or pass --skip_bad to "
                             "leave unreadable images out (counted)")
