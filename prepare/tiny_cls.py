@@ -324,7 +324,16 @@ def load_image_dir(args, stats: dict) -> tuple[list[str], dict]:
     elif not len(splits["val"][0]):
         raise DataError(f"{os.path.join(args.image_dir, 'val')}: no readable images; put some in "
                         "val/<class>/, or remove val/ to split train by --val_frac")
-    return names, splits
+    # Folders come class by class; evaluation reads the first eval_iters batches in file order,
+    # which would then hold only the first classes. A seeded shuffle mixes them.
+    orders = {split: mixed_order(len(labels), args.seed) for split, (_, labels) in splits.items()}
+    return names, {split: (pixels[orders[split]], labels[orders[split]])
+                   for split, (pixels, labels) in splits.items()}
+
+
+def mixed_order(n: int, seed: int) -> np.ndarray:
+    """The order the n images of a folder split are written in: a permutation fixed by seed."""
+    return np.random.default_rng(seed).permutation(n)
 
 
 # ----------------------------------------------------------------------------- token sequences

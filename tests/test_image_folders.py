@@ -154,7 +154,7 @@ def test_layout_errors_name_the_folder(tmp_path, monkeypatch, make, problem):
 def test_mnist_as_png_folders_gives_the_idx_paths_examples(tmp_path, monkeypatch):
     """prepare/mnist_to_png.py then --image_dir makes, per image, the very examples --mnist_dir
     makes (a per-pixel codebook, no shifted copies: nothing fit or drawn depends on order);
-    the folders hold each class in turn, the idx files in file order."""
+    the idx files keep file order, folders are read class by class, then mixed (seeded)."""
     from prepare import mnist_to_png
     from test_tiny_cls_prepare import write_idx
     rng = np.random.default_rng(0)
@@ -172,7 +172,7 @@ def test_mnist_as_png_folders_gives_the_idx_paths_examples(tmp_path, monkeypatch
     from_idx = prepare(tmp_path, monkeypatch, "--mnist_dir", str(d), *flags, "--name", "idx")
     from_png = prepare(tmp_path, monkeypatch, "--image_dir", png_dir, *flags, "--name", "png")
     for i, split in enumerate(("train", "val")):
-        by_class = np.argsort(labels[i], kind="stable")
+        by_class = np.argsort(labels[i], kind="stable")[tiny_cls.mixed_order(30, tiny_cls.SEED)]
         assert [bins(from_idx, split)[j] for j in by_class] == bins(from_png, split)
 
 
@@ -220,6 +220,7 @@ def test_a_training_image_and_a_classified_one_get_the_same_tokens(tmp_path, mon
     book = image_codebook(meta, data_dir)
     served = SimpleNamespace(name="same", meta=meta, tok=tok, train_config={"dataset": data_dir},
                              model=SimpleNamespace(config=SimpleNamespace(block_size=64)))
+    val = [val[i] for i in tiny_cls.mixed_order(len(val), tiny_cls.SEED)]  # the order written
     for path, example in zip(val, bins(data_dir, "val")):
         ids = classify.image_ids(tok, book, image_pixels(read_image(path), book), 64)
         assert ids == example[:-2]  # the example without <CLS_k> <EOS>
