@@ -654,7 +654,8 @@ def hf_architecture(config: GPTConfig, where: str) -> str:
     """The Hugging Face class that computes exactly what config does: GPT2LMHeadModel for the
     GPT-2 layout, LlamaForCausalLM for rope + rmsnorm + swiglu (Qwen2ForCausalLM with q/k/v-only
     biases), or a ConvertError naming the switch that none of them has."""
-    for key, value, ok in (("qk_norm", config.qk_norm, False), ("logit_softcap", config.logit_softcap, 0.0)):
+    for key, value, ok in (("qk_norm", config.qk_norm, False), ("logit_softcap", config.logit_softcap, 0.0),
+                           ("cls_head", config.cls_head, "lm")):
         if value != ok:
             raise unsupported(where, key, value, "neither GPT2LMHeadModel nor LlamaForCausalLM has it; "
                               "use --format=onnx, or train without it")

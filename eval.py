@@ -119,16 +119,16 @@ def dataset_metrics(model, tok, ckpt: dict, cfg: EvalConfig, run) -> dict:
 
 def classifier_metrics(model, ckpt: dict, cfg: EvalConfig, run, out_dir: str) -> dict:
     """sample.py --classify's report, plus confusion.png in the run folder."""
-    from classify import evaluate, loader_batches, report
+    from classify import class_names, evaluate, loader_batches, report
     from data import Examples, dataset_dir
     meta = ckpt["tokenizer"]
     data_dir = dataset_dir(cfg.dataset or ckpt["train_config"]["dataset"])
     loader = Examples(data_dir, cfg.split, model.config.block_size, cfg.batch_size,
                       model.config.vocab_size, shuffle=False)
     out = evaluate(model, loader_batches(loader, run.device), meta, run.autocast)
-    result = report(out["pred"], out["label"], out["confidence"], len(meta["class_tokens"]))
-    plot_confusion(np.array(result["confusion"]), meta.get("class_names") or
-                   [str(k) for k in range(len(meta["class_tokens"]))], os.path.join(out_dir, "confusion.png"))
+    names = class_names(meta)
+    result = report(out["pred"], out["label"], out["confidence"], len(meta["class_tokens"]), names)
+    plot_confusion(np.array(result["confusion"]), names, os.path.join(out_dir, "confusion.png"))
     return result
 
 
