@@ -634,9 +634,19 @@ class GPT(nn.Module):
                         use_cache: bool = True, generator: torch.Generator | None = None):
         """Yield the next token of each row (B,) for up to max_new_tokens steps, stopping early
         once every row has produced a stop token (a finished row repeats its stop token).
-        With the cache each step runs one position; once the context fills block_size the
-        window slides and is recomputed, exactly as generation without the cache does."""
+
+        Without the cache every step runs the last block_size tokens (nanoGPT's crop): exact,
+        and past the window as slow as a whole forward per token. With the cache each step runs
+        one position while the text fits block_size, with the same tokens as without it. Once
+        the cache is full the context shifts (as llama.cpp's context shift does): the most
+        recent block_size - block_size // 4 tokens are recomputed once, from position 0, and
+        decoding continues one position at a time until the cache is full again. So past the
+        window each token is the model's exact prediction from the last L tokens, L between
+        3/4 of block_size and block_size (nanoGPT always uses block_size), for learned and
+        rotary positions alike; a forward over 3/4 of the window is paid once per block_size // 4
+        tokens instead of a whole window per token. use_cache=False stays the exact reference."""
         block = self.config.block_size
+        keep = max(1, block - max(1, block // 4))  # tokens kept at a context shift
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         caches, pos = None, 0
@@ -645,12 +655,11 @@ class GPT(nn.Module):
                 if caches is not None and pos < caches[0].k.size(2):
                     x = self.body(idx[:, -1:], caches, pos)  # one new position
                     pos += 1
-                else:
-                    context = idx[:, -block:]
-                    caches = None
-                    if use_cache and context.size(1) < block:
-                        caches = self.make_caches(idx.size(0), min(block, idx.size(1) + max_new_tokens))
-                    x = self.body(context, caches, 0)
+                else:  # the first step, a full cache (shift), or no cache at all
+                    context = idx[:, -(block if caches is None else keep):]
+                    if use_cache:
+                        caches = caches or self.make_caches(idx.size(0), min(block, idx.size(1) + max_new_tokens))
+                    x = self.body(context, caches if use_cache else None, 0)
                     pos = context.size(1)
             logits = self.head(x[:, -1, :]).float()  # (B, V)
             next_token = sample_next(logits, temperature, top_k, top_p, generator)

