@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from common import (ConfigError, atomic_write, cli, config_dict, load_config, load_model, measure_matmul_flops,
-                    peak_flops, print0, setup_runtime, sync_device)
+                    peak_flops, print0, resolve_cpu_dtype, setup_runtime, sync_device)
 from data import DataError, dataset_dir
 from model import GPT, GPTConfig
 from tokenizer import load_meta
@@ -249,11 +249,13 @@ def main(argv=None) -> dict:
     torch.manual_seed(cfg.seed)
 
     gpu = run.device_type == "cuda"
+    model, loader, source = build(cfg, run)
+    # the dtype the Trainer will train in (its own call then reads the cached choice)
+    resolve_cpu_dtype(run, model, cfg.batch_size, cfg.block_size, cfg.dtype)
     peak_dtype = torch.bfloat16 if gpu else run.ptdtype
     # best of many short timings: on a shared CPU a few of them still see the whole machine
     peak_size = cfg.peak_size or (8192 if gpu else 1024)
     peak = measure_matmul_flops(run.device, peak_dtype, n=peak_size, seconds=cfg.peak_seconds)
-    model, loader, source = build(cfg, run)
     print0(f"bench: {config_name}, {model.num_params() / 1e6:.2f}M params, data: {source}")
 
     result = {"config_name": config_name, "device": run.device, "device_name": device_name(run),

@@ -15,8 +15,10 @@ import difflib
 import json
 import math
 import os
+import platform
 import signal
 import sys
+import time
 import traceback
 import typing
 from contextlib import nullcontext
@@ -195,7 +197,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
             dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     if dtype == "auto":
-        # bf16 is fast on GPUs; on CPUs without AMX it runs matmuls ~300x slower than float32
+        # bf16 on GPUs; on a CPU float32 until the model exists: then resolve_cpu_dtype times
+        # both on its shapes (bf16 helps wide models on CPUs with bf16 instructions only)
         dtype = "bfloat16" if device_type == "cuda" else "float32"
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"dtype = {dtype!r}: choose auto, float32, bfloat16 or float16", "dtype")
@@ -210,25 +213,146 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
     return Runtime(device, device_type, dtype, ptdtype, autocast, scaler, ddp, rank, local_rank, world_size)
 
 
+# ----------------------------------------------------------------------------- measured once per machine
+
+def cache_path(name: str) -> str:
+    """A small JSON of measurements kept between runs: $DANLU_CACHE_DIR, else ~/.cache/danlu."""
+    folder = os.environ.get("DANLU_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "danlu")
+    return os.path.join(folder, name)
+
+
+def read_cache(name: str) -> dict:
+    try:
+        with open(cache_path(name), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: measure again
+        return {}
+
+
+def write_cache(name: str, key: str, value) -> None:
+    """Add key to the cache file; a folder that cannot be written only costs a re-measurement."""
+    entries = read_cache(name)
+    entries[key] = value
+    try:
+        os.makedirs(os.path.dirname(cache_path(name)), exist_ok=True)
+        with atomic_write(cache_path(name), "w", encoding="utf-8") as f:
+            json.dump(entries, f, indent=1)
+    except OSError:
+        pass
+
+
+def machine_key(device: str) -> str:
+    """What a measurement depends on besides the model: the processor, threads and torch."""
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = cpu_info()[0]
+        device = f"{device}, {torch.get_num_threads()} threads"
+    return f"{name} ({device}), torch {torch.__version__}"
+
+
+def cpu_info() -> tuple[str, bool]:
+    """(the CPU's model name, whether it has bf16 instructions: AVX512-BF16 or AMX-BF16)."""
+    name, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and not name:
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:  # not Linux: no flags to read, so no bf16 decision either
+        pass
+    return name or platform.processor() or platform.machine(), bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
 _PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 
 
 def peak_flops(device: str, dtype: str) -> float:
     """FLOP/s that MFU is measured against: the datasheet's dense bf16/fp16 figure for known
-    GPUs, otherwise a matmul in the dtype training uses, timed on this device once per process.
-    The trainer raises it to any higher rate the model itself reaches, so MFU never reads
-    above 100%."""
+    GPUs, otherwise a matmul in the dtype training uses, timed on this machine once and kept in
+    the cache (peak_flops.json) so later starts skip the timing. The trainer raises it to any
+    higher rate the model itself reaches, so MFU never reads above 100%."""
     if device.startswith("cuda") and dtype != "float32":
         name = torch.cuda.get_device_name(device)
         for key, peak in _PEAKS.items():
             if key in name:
                 return peak
-    if (device, dtype) not in _measured:
-        _measured[(device, dtype)] = measure_matmul_flops(device, getattr(torch, dtype))
-    return _measured[(device, dtype)]
+    key = f"{machine_key(device)}, {dtype}"
+    peak = read_cache("peak_flops.json").get(key)
+    if peak is None:
+        peak = measure_matmul_flops(device, getattr(torch, dtype))
+        write_cache("peak_flops.json", key, peak)
+    return peak
 
 
-_measured: dict = {}
+# Narrower models train slower under CPU bf16 autocast: the casts cost more than the bf16
+# matmuls save (3 x 96 speedrun model: 0.91x; 4 x 128: 1.09x; 6 x 384: 1.77x; one thread).
+BF16_MIN_WIDTH = 128
+BF16_MIN_SPEEDUP = 1.1  # below this the gain is within the noise, not worth bf16's rounding
+PROBE_TOKENS = 2048  # a probe step runs at most this many tokens (6 x 384 at 64 x 256: 17 s a step)
+
+
+def probe_step_seconds(model, rows: int, seq_len: int, autocast, steps: int = 2) -> float:
+    """Best time of `steps` forward + backward passes (after one warm-up) on random tokens from
+    a private generator, dropout off: the global RNG, the weights and the gradients are as
+    before, so a run that probed draws what one that read the cache does."""
+    g = torch.Generator().manual_seed(0)
+    device = model.lm_head.weight.device
+    x = torch.randint(0, model.config.vocab_size, (rows, seq_len), generator=g).to(device)
+    was_training = model.training
+    model.eval()
+    best = float("inf")
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        with autocast:
+            loss = model(x, x, reduction="sum")[1]
+        loss.backward()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return best
+
+
+def resolve_cpu_dtype(run: Runtime, model, batch_size: int, seq_len: int, requested: str) -> Runtime:
+    """dtype = auto on a CPU: bf16 autocast where it trains this model faster, else float32.
+    CPUs without bf16 instructions and models narrower than BF16_MIN_WIDTH keep float32 without
+    measuring; otherwise a few forward + backward steps of the model's own shapes are timed
+    each way (at most PROBE_TOKENS tokens a step) and the choice is kept per (machine, model
+    shape, batch) in cpu_dtype.json. run is updated in place, so every holder of it (the
+    evaluation hooks) computes in the chosen dtype; under DDP bf16 only if every rank chose it."""
+    if run.device_type != "cpu" or requested != "auto":
+        return run
+    cfg = model.config
+    cpu, has_bf16 = cpu_info()
+    if not has_bf16:
+        choice, why = "float32", f"the CPU ({cpu}) has no bf16 instructions"
+    elif cfg.n_embd < BF16_MIN_WIDTH:
+        choice, why = "float32", f"n_embd {cfg.n_embd} < {BF16_MIN_WIDTH}: bf16 casts cost more than they save"
+    else:
+        rows = max(1, min(batch_size, PROBE_TOKENS // seq_len))
+        shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp", "mlp_hidden",
+                                              "vocab_size", "n_expert", "moe_top_k", "lora_rank")}
+        key = f"{machine_key('cpu')}, {json.dumps(shape, sort_keys=True)}, batch {rows} x {seq_len}"
+        seconds = read_cache("cpu_dtype.json").get(key)
+        if seconds is None:
+            seconds = {"float32": probe_step_seconds(model, rows, seq_len, nullcontext()),
+                       "bfloat16": probe_step_seconds(model, rows, seq_len, torch.autocast("cpu", dtype=torch.bfloat16))}
+            write_cache("cpu_dtype.json", key, seconds)
+        speedup = seconds["float32"] / seconds["bfloat16"]
+        choice = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"
+        why = (f"a {rows} x {seq_len} step: float32 {1e3 * seconds['float32']:.0f} ms, bf16 autocast "
+               f"{1e3 * seconds['bfloat16']:.0f} ms ({speedup:.2f}x; bf16 from {BF16_MIN_SPEEDUP}x)")
+    if run.ddp:
+        votes = all_reduce_sum(torch.tensor([float(choice == "bfloat16")]), run)
+        choice = "bfloat16" if votes.item() == run.world_size else "float32"
+    print0(f"dtype auto on this CPU: {choice} ({why})")
+    run.dtype, run.ptdtype = choice, getattr(torch, choice)
+    run.autocast = nullcontext() if choice == "float32" else torch.autocast("cpu", dtype=torch.bfloat16)
+    return run
 
 
 def sync_device(device: str) -> None:
@@ -242,7 +366,6 @@ def measure_matmul_flops(device: str, dtype=torch.float32, n: int = 1024, second
     """Achieved FLOP/s of an n x n matmul, best of repeated timed runs. Its inputs come from a
     private generator: drawing from the global one would shift every random number a resumed
     run draws after it (dropout), and resume must equal an uninterrupted run."""
-    import time
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, device=device, generator=g).to(dtype)
     b = torch.randn(n, n, device=device, generator=g).to(dtype)

@@ -23,7 +23,7 @@ import torch
 from checkpoint import (CheckpointError, base_model, base_reference, gpt_config, load_checkpoint, lora_model,
                         plain_checkpoint, save_checkpoint)
 from common import (ConfigError, Logger, Runtime, StopSignal, all_reduce_sum, atomic_write, cli,
-                    config_dict, load_config, peak_flops, print0, setup_runtime)
+                    config_dict, load_config, peak_flops, print0, resolve_cpu_dtype, setup_runtime)
 from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
 from model import GPT, GPTConfig, add_adapters, is_adapter, setting
 from tokenizer import load_meta, same_base
@@ -166,7 +166,18 @@ def param_groups(model: GPT) -> tuple[list, list, list]:
     return blocks, matrices, vectors
 
 
-def make_optimizers(cfg, model: GPT, run: Runtime) -> list:
+def adamw(groups: list, cfg) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (one pass over each tensor instead of foreach's several; on
+    CPU 8.0 vs 52 ms a step for 10.8M parameters), or foreach where torch has no fused kernel
+    for these parameters (device or dtype)."""
+    settings = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
+    try:
+        return torch.optim.AdamW(groups, **settings, fused=True)
+    except RuntimeError:
+        return torch.optim.AdamW(groups, **settings)
+
+
+def make_optimizers(cfg, model: GPT) -> list:
     blocks, matrices, vectors = param_groups(model)
     opts = []
     if cfg.optimizer == "muon":
@@ -175,8 +186,7 @@ def make_optimizers(cfg, model: GPT, run: Runtime) -> list:
         blocks = []
     groups = [{"params": blocks + matrices, "weight_decay": cfg.weight_decay},
               {"params": vectors, "weight_decay": 0.0}]
-    opts.append(torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                                  fused=run.device_type == "cuda"))
+    opts.append(adamw(groups, cfg))
     for opt in opts:  # the schedule scales each group from the rate it started with
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
@@ -247,7 +257,8 @@ class Trainer:
         self.cfg, self.run, self.loaders, self.meta, self.extra_eval = cfg, run, loaders, tokenizer_meta, extra_eval
         self.lora_base = lora_base  # a LoRA run saves its adapters and this reference to the base
         self.raw_model = model  # what checkpoints hold: no compile or DDP wrapper prefixes
-        self.optimizers = make_optimizers(cfg, model, run)
+        resolve_cpu_dtype(run, model, cfg.batch_size, cfg.block_size, cfg.dtype)  # auto on a CPU: bf16?
+        self.optimizers = make_optimizers(cfg, model)
         self.iter_num, self.best_val_loss, self.elapsed0, self.saved_iter = 0, float("inf"), 0.0, None
         if state is not None:
             self.restore(state)

@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
 # an idle machine; on a busy one each op can wait a whole scheduler slice for it (seen: 100x).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start
+# Measurements kept between runs (matmul peak, CPU dtype choice) go to a folder of this session,
+# never ~/.cache/danlu: a test neither reads a real run's choices nor leaves its own behind.
+os.environ["DANLU_CACHE_DIR"] = tempfile.mkdtemp(prefix="danlu-test-cache-")
 
 
 def write_char_dataset(folder: str, text: str, n_val: int):

@@ -1,6 +1,5 @@
 """The model's sharp edges: shapes, init loss, causality, every switch, KV cache == recomputation."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -171,7 +170,7 @@ def test_tied_and_untied_and_optimizer_groups():
     assert untied.lm_head.weight is not untied.transformer.wte.weight
     assert untied.num_params(non_embedding=False) - tied.num_params(non_embedding=False) == V * 32
     from train import TrainConfig, make_optimizers
-    (opt,) = make_optimizers(TrainConfig(weight_decay=0.1, learning_rate=1e-3), tied, SimpleNamespace(device_type="cpu"))
+    (opt,) = make_optimizers(TrainConfig(weight_decay=0.1, learning_rate=1e-3), tied)
     decay, no_decay = opt.param_groups
     assert all(p.dim() >= 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() < 2 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0

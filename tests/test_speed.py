@@ -71,3 +71,87 @@ def test_block_size_one_still_generates():
     model = tiny(block_size=1)
     out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
     assert out.shape == (1, 6)
+
+
+# ----------------------------------------------------------------------------- dtype = auto on a CPU
+
+def cpu_run(dtype="float32"):
+    import common
+    return common.setup_runtime("cpu", dtype)
+
+
+def wide(**kw) -> GPT:
+    return tiny(n_embd=128, n_head=2, **kw).train()
+
+
+def test_explicit_dtype_and_narrow_models_and_cpus_without_bf16_keep_float32(monkeypatch):
+    import common
+    monkeypatch.setattr(common, "probe_step_seconds", lambda *a, **k: pytest.fail("measured"))
+    run = common.resolve_cpu_dtype(cpu_run(), wide(), 4, 12, "float32")  # explicit: untouched
+    assert run.dtype == "float32"
+    monkeypatch.setattr(common, "cpu_info", lambda: ("a CPU with bf16", True))
+    assert common.resolve_cpu_dtype(cpu_run(), tiny(), 4, 12, "auto").dtype == "float32"  # n_embd 16
+    monkeypatch.setattr(common, "cpu_info", lambda: ("a CPU without bf16", False))
+    assert common.resolve_cpu_dtype(cpu_run(), wide(), 4, 12, "auto").dtype == "float32"
+
+
+def test_the_probe_picks_the_faster_dtype_once_and_caches_it(tmp_path, monkeypatch, capsys):
+    import common
+    monkeypatch.setenv("DANLU_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(common, "cpu_info", lambda: ("a CPU with bf16", True))
+    probes = []
+
+    def fake_probe(model, rows, seq_len, autocast, steps=2):
+        probes.append(rows * seq_len)
+        return 0.5 if isinstance(autocast, torch.autocast) else 1.0  # bf16 twice as fast
+    monkeypatch.setattr(common, "probe_step_seconds", fake_probe)
+    run = common.resolve_cpu_dtype(cpu_run("auto"), wide(), 4, 12, "auto")
+    assert run.dtype == "bfloat16" and run.ptdtype == torch.bfloat16 and isinstance(run.autocast, torch.autocast)
+    assert probes == [48, 48] and "bfloat16" in capsys.readouterr().out
+    assert (tmp_path / "cpu_dtype.json").exists()
+    run = common.resolve_cpu_dtype(cpu_run("auto"), wide(), 4, 12, "auto")  # cached: no probe
+    assert run.dtype == "bfloat16" and len(probes) == 2
+    common.resolve_cpu_dtype(cpu_run("auto"), wide(), 1000, 12, "auto")  # capped at PROBE_TOKENS
+    assert probes[-1] <= common.PROBE_TOKENS
+
+
+def test_the_probe_leaves_weights_gradients_and_generator_alone():
+    import common
+    model = wide(dropout=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    seconds = common.probe_step_seconds(model, 2, 12, torch.autocast("cpu", dtype=torch.bfloat16), steps=1)
+    assert seconds > 0 and torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and model.training
+
+
+# ----------------------------------------------------------------------------- less work per step
+
+def test_adamw_is_fused_on_cpu_and_falls_back_where_torch_has_no_kernel(monkeypatch):
+    import train
+    cfg = train.TrainConfig(learning_rate=1e-3)
+    (opt,) = train.make_optimizers(cfg, tiny())
+    assert opt.defaults["fused"] is True
+    real = torch.optim.AdamW
+
+    def no_fused(*args, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be ... supported devices")
+        return real(*args, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    (opt,) = train.make_optimizers(cfg, tiny())
+    assert not opt.defaults["fused"]
+
+
+def test_the_matmul_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
+    import common
+    monkeypatch.setenv("DANLU_CACHE_DIR", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(common, "measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 1e9)
+    assert common.peak_flops("cpu", "float32") == 1e9
+    assert common.peak_flops("cpu", "float32") == 1e9 and calls == [torch.float32]
+    common.peak_flops("cpu", "bfloat16")
+    assert calls == [torch.float32, torch.bfloat16]
