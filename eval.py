@@ -330,6 +330,12 @@ def evaluate_run(cfg: EvalConfig) -> dict:
     run = setup_runtime(cfg.device, cfg.dtype)
     model, ckpt = load_model(cfg.out_dir, run.device)
     tok = from_meta(ckpt["tokenizer"])
+    if cfg.dataset:  # a base model scored on its SFT data: read the chat tokens the data appended
+        from data import dataset_dir
+        from tokenizer import load_meta, same_base
+        meta = load_meta(dataset_dir(cfg.dataset))
+        if same_base(ckpt["tokenizer"], meta) and meta["vocab_size"] <= model.config.vocab_size:
+            tok = from_meta(meta)
     out_dir = cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir)
     result = {"run": cfg.out_dir}
     if ckpt["tokenizer"].get("task") == "classify":
