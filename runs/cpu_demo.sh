@@ -25,15 +25,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   SFT_ITERS=(--max_iters=20 --eval_interval=20)
 fi
 
-STEPS=() SECONDS_TAKEN=()
-step() {  # step NAME COMMAND...: run it, remember how long it took
-  local name=$1 start=$EPOCHREALTIME
-  shift
-  echo "== $name: $*"
-  "$@"
-  STEPS+=("$name")
-  SECONDS_TAKEN+=("$(python -c "print(f'{$EPOCHREALTIME - $start:.1f}')")")
-}
+. runs/steps.sh  # step and report (the working folder is the repo root from here on)
 
 step "prepare digits"   python prepare/tiny_cls.py
 step "train classifier" python train.py config/tiny_cls.py "${CLS_ITERS[@]}"
@@ -43,14 +35,7 @@ step "prepare SFT"      python prepare/sft.py --input "$DATA/sft/alpaca_en_demo.
                             --base data/shakespeare_gpt2 --max_length 257
 step "SFT"              python sft.py config/sft_alpaca.py "${SFT_ITERS[@]}"
 
-echo
-echo "where the time went:"
-total=0
-for i in "${!STEPS[@]}"; do
-  printf "  %-18s %8s s\n" "${STEPS[$i]}" "${SECONDS_TAKEN[$i]}"
-  total=$(python -c "print(f'{$total + ${SECONDS_TAKEN[$i]}:.1f}')")
-done
-printf "  %-18s %8s s\n" "total" "$total"
+report
 
 if [ "${SERVE:-1}" = 1 ]; then
   echo

@@ -20,15 +20,7 @@ PRE_ITERS=()
 launch=(python)
 [ "$NGPU" -gt 1 ] && launch=(torchrun --standalone --nproc_per_node="$NGPU")
 
-STEPS=() SECONDS_TAKEN=()
-step() {  # step NAME COMMAND...: run it, remember how long it took
-  local name=$1 start=$EPOCHREALTIME
-  shift
-  echo "== $name: $*"
-  "$@"
-  STEPS+=("$name")
-  SECONDS_TAKEN+=("$(python -c "print(f'{$EPOCHREALTIME - $start:.1f}')")")
-}
+. runs/steps.sh  # step and report (the working folder is the repo root from here on)
 
 step "prepare corpus"   python prepare/text.py --input "$CORPUS" --name owt
 step "pretrain 124M"    "${launch[@]}" train.py config/gpt2_124m.py "${PRE_ITERS[@]}"
@@ -40,11 +32,7 @@ step "SFT"              "${launch[@]}" sft.py config/sft_alpaca.py --base=weight
 step "prepare MNIST"    python prepare/tiny_cls.py --mnist_dir "$MNIST"
 step "train classifier" python train.py config/tiny_cls_mnist.py --device=cuda
 
-echo
-echo "where the time went:"
-for i in "${!STEPS[@]}"; do
-  printf "  %-18s %9s s\n" "${STEPS[$i]}" "${SECONDS_TAKEN[$i]}"
-done
+report
 
 if [ "${SERVE:-1}" = 1 ]; then
   exec python serve.py --out_dir=weight/sft_gpt2_124m --out_dir=weight/gpt2_124m \
