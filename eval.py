@@ -211,19 +211,10 @@ def val_conversations(ckpt: dict, cfg: EvalConfig, tok) -> list[dict]:
 def jsonl_prompts(path: str, tok, limit: int) -> list[dict]:
     from tokenizer import render_conversation
     items = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                prompt, reference = r["prompt"], r["reference"]
-            except (ValueError, KeyError, TypeError):
-                raise ConfigError(f"{path}:{n}: expected a JSON object with \"prompt\" and "
-                                  "\"reference\"") from None
-            ids, _ = render_conversation(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-            items.append({"ids": ids, "prompt": prompt, "reference": reference})
-    return items[:limit]
+    for r in read_jsonl(path, ("prompt", "reference"))[:limit]:
+        ids, _ = render_conversation(tok, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
+        items.append({"ids": ids, **r})
+    return items
 
 
 def generate_replies(model, tok, items: list[dict], cfg: EvalConfig, run) -> list[dict]:
@@ -246,18 +237,20 @@ def generate_replies(model, tok, items: list[dict], cfg: EvalConfig, run) -> lis
 
 # ----------------------------------------------------------------------------- runs side by side
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path: str, keys=("reference", "reply")) -> list[dict]:
+    """The records of a JSONL file as {key: text} for keys (and "prompt", "" when absent); a
+    line that is not such an object is an error naming file:line."""
     records = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    r = json.loads(line)
-                    records.append({"reference": str(r["reference"]), "reply": str(r["reply"]),
-                                    "prompt": r.get("prompt", "")})
-                except (ValueError, KeyError, TypeError):
-                    raise ConfigError(f"{path}:{n}: expected a JSON object with \"reference\" and "
-                                      "\"reply\"") from None
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                records.append({"prompt": str(r.get("prompt", "")), **{k: str(r[k]) for k in keys}})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ConfigError(f"{path}:{n}: expected a JSON object with " +
+                                  " and ".join(f'"{k}"' for k in keys)) from None
     return records
 
 

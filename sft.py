@@ -30,7 +30,7 @@ import torch
 from checkpoint import CheckpointError, base_model, base_reference, gpt_config, plain_checkpoint
 from common import ConfigError, cli, load_config, print0, setup_runtime
 from data import dataset_dir
-from model import GPT, GPTConfig, add_adapters, grow_vocab, setting  # noqa: F401  (grow_vocab: tests use sft's)
+from model import GPT, GPTConfig, add_adapters, setting
 from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation, same_base
 from train import (LORA_KEYS, TRAINING_ONLY, TrainConfig, add_lora, make_loaders, model_config_for,
                    prepare_run, report_trainable, resume_state, train)

@@ -15,7 +15,7 @@ from checkpoint import load_checkpoint
 from common import ConfigError
 from conftest import ROOT, run_script
 from data import BinWriter
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, grow_vocab
 from prepare.sft import build_sft_dataset
 
 CONFIG = os.path.join(ROOT, "config", "sft_char_tiny.py")
@@ -142,7 +142,7 @@ def test_grow_vocab_new_rows_are_the_mean_and_old_logits_stay(tied):
                           tie_embeddings=tied)).eval()
     old_wte = model.transformer.wte.weight.detach().clone()
     old_head = model.lm_head.weight.detach().clone()
-    grown = sft.grow_vocab(model, 14, range(10, 14)).eval()
+    grown = grow_vocab(model, 14, range(10, 14)).eval()
     wte, head = grown.transformer.wte.weight, grown.lm_head.weight
     assert wte.shape == head.shape == (14, 16)
     assert torch.equal(wte[:10], old_wte) and torch.equal(head[:10], old_head)
@@ -160,7 +160,7 @@ def test_grow_vocab_reuses_padding_rows():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=16, n_layer=1, n_head=2, n_embd=8))
     old = model.transformer.wte.weight.detach().clone()
-    grown = sft.grow_vocab(model, 16, range(10, 13))
+    grown = grow_vocab(model, 16, range(10, 13))
     w = grown.transformer.wte.weight
     assert w.shape == (16, 8)
     assert torch.allclose(w[10:13], old[:10].mean(0).expand(3, -1))
