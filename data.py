@@ -244,7 +244,7 @@ class Examples:
 
     def __init__(self, data_dir, split, block_size, batch_size, vocab_size, seed=1337,
                  rank=0, world_size=1, shuffle=True, prompt_loss_weight=0.0, whole_only=False,
-                 accum=1):
+                 accum=1, group_by_length=False):
         base = os.path.join(data_dir, split)
         self.bin_path, self.mask_path = base + ".bin", base + ".mask.bin"
         n_tokens = check_tokens(data_dir, split, vocab_size)
@@ -269,6 +269,7 @@ class Examples:
         self.block_size, self.batch_size = block_size, batch_size
         self.rank, self.world_size, self.shuffle, self.seed = rank, world_size, shuffle, seed
         self.accum = accum  # micro-batches per optimizer step on each rank
+        self.group_by_length = group_by_length
         self.prompt_loss_weight = prompt_loss_weight
         self.epoch, self.pos = 0, 0
         self.order = self._order()
@@ -279,7 +280,19 @@ class Examples:
     def _order(self) -> np.ndarray:
         if not self.shuffle:
             return np.arange(len(self))
-        return np.random.Generator(np.random.PCG64([self.seed, self.epoch])).permutation(len(self))
+        rng = np.random.Generator(np.random.PCG64([self.seed, self.epoch]))
+        order = rng.permutation(len(self))
+        if not self.group_by_length:
+            return order
+        # Each optimizer step sorted by length before it is cut into micro-batches (and ranks):
+        # a micro-batch pads to its longest example, so on chats of 17..59 tokens random
+        # micro-batches are ~40% padding. Which examples a step holds never changes (sorting
+        # across steps trained worse: steps of one length are steps of one kind of question).
+        step = self.batch_size * self.world_size * self.accum
+        full = len(order) // step * step
+        steps = order[:full].reshape(-1, step)
+        steps = np.take_along_axis(steps, np.argsort((self.ends - self.starts)[steps], axis=1, kind="stable"), axis=1)
+        return np.concatenate([steps.ravel(), order[full:]])
 
     def collate(self, indices, device="cpu"):
         """(x, y, w) for the examples at indices; w is None unless 0 < prompt_loss_weight < 1."""

@@ -219,17 +219,19 @@ def jsonl_prompts(path: str, tok, limit: int) -> list[dict]:
 
 def generate_replies(model, tok, items: list[dict], cfg: EvalConfig, run) -> list[dict]:
     """Greedy replies, cut at the end-of-turn token; the prompt keeps its last tokens if long."""
+    from sample import utf8_constraint
     from tokenizer import END_OF_TURN
     from tqdm import tqdm
     end = tok.token_id(END_OF_TURN)
     block = model.config.block_size
+    utf8 = utf8_constraint(tok, model.config.vocab_size, run.device)  # the replies chat would give
     records = []
     for item in tqdm(items, desc="replies", disable=not sys.stderr.isatty()):
         budget = min(cfg.max_new_tokens, block // 2)
         ids = item["ids"][-(block - budget):]
         x = torch.tensor([ids], dtype=torch.long, device=run.device)
         with run.autocast:
-            out = model.generate(x, budget, temperature=0.0, stop_tokens=(end,))[0, len(ids):].tolist()
+            out = model.generate(x, budget, temperature=0.0, stop_tokens=(end,), constraint=utf8)[0, len(ids):].tolist()
         out = out[:out.index(end)] if end in out else out
         records.append({"prompt": item["prompt"], "reference": item["reference"], "reply": tok.decode(out)})
     return records

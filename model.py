@@ -631,9 +631,13 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                         top_k: int | None = None, top_p: float = 1.0, stop_tokens=(),
-                        use_cache: bool = True, generator: torch.Generator | None = None):
+                        use_cache: bool = True, generator: torch.Generator | None = None,
+                        constraint: Tensor | None = None):
         """Yield the next token of each row (B,) for up to max_new_tokens steps, stopping early
         once every row has produced a stop token (a finished row repeats its stop token).
+        constraint (S, V), a token automaton: every row starts in state 0, may only sample a
+        token t with constraint[state, t] >= 0, and moves to that state (tokenizer.py's
+        utf8_automaton keeps a byte-level model from writing broken characters).
 
         Without the cache every step runs the last block_size tokens (nanoGPT's crop): exact,
         and past the window as slow as a whole forward per token. With the cache each step runs
@@ -649,6 +653,7 @@ class GPT(nn.Module):
         keep = max(1, block - max(1, block // 4))  # tokens kept at a context shift
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        state = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)  # of the constraint
         caches, pos = None, 0
         for _ in range(max_new_tokens):
             with sdpa_kernel(DECODE_BACKENDS):
@@ -662,7 +667,11 @@ class GPT(nn.Module):
                     x = self.body(context, caches if use_cache else None, 0)
                     pos = context.size(1)
             logits = self.head(x[:, -1, :]).float()  # (B, V)
+            if constraint is not None:
+                logits = logits.masked_fill(constraint[state] < 0, float("-inf"))
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
+            if constraint is not None:
+                state = constraint[state, next_token].long().clamp(min=0)  # a finished row may be anywhere
             if stop.numel():
                 next_token = torch.where(done, idx[:, -1], next_token)
                 done |= torch.isin(next_token, stop)
@@ -674,10 +683,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float = 1.0, stop_tokens=(),
-                 use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:
+                 use_cache: bool = True, generator: torch.Generator | None = None,
+                 constraint: Tensor | None = None) -> Tensor:
         """idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens; temperature 0 is greedy."""
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
-                                        stop_tokens, use_cache, generator))
+                                        stop_tokens, use_cache, generator, constraint))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
 
 

@@ -82,6 +82,17 @@ def encode_prompt(cfg: SampleConfig, tok, block_size: int) -> list[int]:
     return ids
 
 
+def utf8_constraint(tok, vocab_size: int, device) -> torch.Tensor | None:
+    """The tokenizer's UTF-8 automaton over the model's vocab_size ids (the padding ids past the
+    tokenizer's are never written), or None for tokenizers of whole characters."""
+    after = tok.utf8_automaton
+    if after is None:
+        return None
+    table = torch.full((after.shape[0], vocab_size), -1, dtype=torch.int8)
+    table[:, :after.shape[1]] = torch.from_numpy(after[:, :vocab_size])
+    return table.to(device)
+
+
 def decode_stream(model, tok, ids: list[int], run, generator, max_new_tokens: int, temperature: float,
                   top_k: int, top_p: float, stop_tokens=(), use_cache: bool = True):
     """Generate after ids, one token at a time: yield (token id, the text it completes; "" while
@@ -91,7 +102,7 @@ def decode_stream(model, tok, ids: list[int], run, generator, max_new_tokens: in
     x = torch.tensor([ids], dtype=torch.long, device=run.device)
     decoder = StreamDecoder(tok)
     tokens = model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, stop_tokens,
-                                   use_cache, generator)
+                                   use_cache, generator, utf8_constraint(tok, model.config.vocab_size, run.device))
     while True:
         with run.autocast:
             t = next(tokens, None)

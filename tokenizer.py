@@ -14,10 +14,13 @@ so user text cannot inject a turn boundary.
 """
 import base64
 import codecs
+import functools
 import json
 import os
 import re
 import unicodedata
+
+import numpy as np
 
 META_VERSION = 2  # 2: the bpe kind; version 1 files (char, tiktoken, vocab) read unchanged
 
@@ -49,6 +52,7 @@ class Tokenizer:
 
     def add_special_tokens(self, names: list[str]) -> list[str]:
         """Append the names that are not yet special tokens as new ids; return the added ones."""
+        self.__dict__.pop("utf8_automaton", None)  # computed for the old vocabulary
         added = []
         for name in names:
             if name not in self.special_tokens:
@@ -84,6 +88,24 @@ class Tokenizer:
         if run:
             out.append(self._decode_bytes(run))
         return b"".join(out)
+
+    @functools.cached_property
+    def utf8_automaton(self) -> np.ndarray | None:
+        """after[s, id] (8, vocab_size): the UTF-8 state (see utf8_state) after token id is written
+        in state s, or -1 where its bytes would break a character. Sampling forbids those, so a
+        byte-level model never writes U+FFFD (a small model readily puts the middle of one Chinese
+        character after the start of another). None when every token is whole characters (char,
+        vocab), where there is nothing to forbid."""
+        after = np.full((len(UTF8_NEXT), self.vocab_size), -1, dtype=np.int8)
+        for i in range(self.vocab_size):
+            data = self.decode_bytes([i])
+            if not data:  # an id without bytes (a hole in an imported vocabulary) changes nothing
+                after[:, i] = np.arange(len(UTF8_NEXT))
+            elif data.isascii():
+                after[0, i] = 0
+            else:
+                after[:, i] = [utf8_state(s, data) for s in range(len(UTF8_NEXT))]
+        return after if np.any(after[0] != 0) else None
 
     def to_meta(self, **extra) -> dict:
         meta = {"format_version": META_VERSION, "kind": self.kind, "vocab_size": self.vocab_size,
@@ -252,6 +274,38 @@ class BPETokenizer(Tokenizer):
         tokens = [None if b is None else base64.b64encode(b).decode("ascii") for b in self.token_bytes]
         return {"pattern": self.pattern, "normalization": self.normalization,
                 "added_tokens": self.added_tokens, "tokens_b64": tokens}
+
+
+# UTF-8 (RFC 3629) as an automaton over bytes. State 0 is between characters; every other state
+# owes continuation bytes, and UTF8_NEXT[state] is the range the next byte must lie in and the
+# state after it: E0 must be followed by A0..BF (no overlong forms), ED by 80..9F (no
+# surrogates), F0 by 90..BF, F4 by 80..8F (nothing past U+10FFFF).
+UTF8_NEXT = [None, (0x80, 0xBF, 0), (0x80, 0xBF, 1), (0xA0, 0xBF, 1), (0x80, 0x9F, 1),
+             (0x80, 0xBF, 2), (0x90, 0xBF, 2), (0x80, 0x8F, 2)]
+
+
+def utf8_state(state: int, data: bytes) -> int:
+    """The state after data is written in state; -1 if data breaks UTF-8 there."""
+    for byte in data:
+        if state:
+            lo, hi, state = UTF8_NEXT[state]
+            if not lo <= byte <= hi:
+                return -1
+        elif byte < 0x80:
+            state = 0
+        elif 0xC2 <= byte <= 0xDF:
+            state = 1
+        elif 0xE1 <= byte <= 0xEF and byte != 0xED:
+            state = 2
+        elif byte in (0xE0, 0xED):
+            state = 3 if byte == 0xE0 else 4
+        elif 0xF1 <= byte <= 0xF3:
+            state = 5
+        elif byte in (0xF0, 0xF4):
+            state = 6 if byte == 0xF0 else 7
+        else:  # 80..C1 (a continuation or an overlong lead), F5..FF
+            return -1
+    return state
 
 
 class StreamDecoder:

@@ -41,6 +41,7 @@ class TrainConfig(GPTConfig):
     batch_size: int = setting(12, lo=1)  # per process, per micro-step
     gradient_accumulation_steps: int = setting(1, lo=1)  # global: divided among the processes
     prompt_loss_weight: float = setting(0.0, lo=0.0, hi=1.0)  # example datasets: weight of non-targets
+    group_by_length: bool = True  # example datasets: sort each step by length before cutting it into micro-batches
     # optimizer and schedule
     optimizer: str = setting("adamw", choices=("adamw", "muon"))  # muon: Muon on hidden matrices
     learning_rate: float = setting(6e-4, above=0.0)
@@ -116,7 +117,8 @@ def make_loaders(cfg, data_dir: str, meta: dict, run: Runtime, vocab_size: int) 
         def make(split, shuffle, weight):
             return Examples(data_dir, split, cfg.block_size, cfg.batch_size, vocab_size, cfg.seed,
                             run.rank, run.world_size, shuffle, weight, whole_only=meta.get("task") == "sft",
-                            accum=max(1, cfg.gradient_accumulation_steps // run.world_size))
+                            accum=max(1, cfg.gradient_accumulation_steps // run.world_size),
+                            group_by_length=cfg.group_by_length)
         # Evaluation scores the targets alone (answers, class tokens) however much weight the
         # other tokens get in training, so val_loss always means the loss on answers; with
         # prompt_loss_weight 1 every token is a target, in training and in evaluation.

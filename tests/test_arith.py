@@ -18,8 +18,12 @@ def test_val_questions_are_held_out_and_the_split_is_seeded():
         for r in records:
             answer = r["conversations"][1]["content"]
             nums = [int(n) for n in "".join(c if c.isdigit() else " " for c in answer).split()]
-            op = next(o for o, words in (("+", "+加"), ("-", "-减"), ("*", "×乘")) if any(w in answer for w in words))
-            assert {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1]}[op] == nums[2]
+            op = next(o for o, words in (("-", "-减"), ("*", "×乘"), ("+", "+加")) if any(w in answer for w in words))
+            assert {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1]}[op] == nums[-1]
+            if len(nums) == 5:  # a product's work: tens times the digit, plus ones times the digit
+                assert op == "*" and nums[2:4] == [nums[0] // 10 * 10 * nums[1], nums[0] % 10 * nums[1]]
+            else:
+                assert len(nums) == 3
             out.add(arith.key(op, nums[0], nums[1]))
         return out
     assert not keys(train) & keys(val)

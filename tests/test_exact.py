@@ -175,6 +175,27 @@ def test_ranks_split_one_example_order(tmp_path):
     assert ranks[0].state_dict() == one.state_dict() == {"epoch": 1, "pos": 8}
 
 
+def test_group_by_length_sorts_each_step_not_the_epoch(tmp_path):
+    """group_by_length: a step holds the same examples as without it, sorted by length, so its
+    micro-batches (and ranks) pad far less; the order does not depend on how the step is split."""
+    make_answer_dataset(tmp_path, n=96)
+    data = str(tmp_path / "data" / "answers")
+    plain = Examples(data, "train", 64, 4, 30, seed=3, accum=2)
+    grouped = Examples(data, "train", 64, 4, 30, seed=3, accum=2, group_by_length=True)
+    lengths = grouped.ends - grouped.starts
+    steps, plain_steps = np.split(grouped.order, 12), np.split(plain.order, 12)
+    assert all(sorted(a) == sorted(b) for a, b in zip(steps, plain_steps))
+    assert all(np.all(np.diff(lengths[s]) >= 0) for s in steps)
+
+    def padding(order):  # padded positions when each 4-example micro-batch pads to its longest
+        return sum(int(lengths[m].max()) * len(m) - int(lengths[m].sum()) for m in np.split(order, 24))
+    assert padding(grouped.order) < 0.7 * padding(plain.order)
+    ranks = Examples(data, "train", 64, 4, 30, seed=3, rank=1, world_size=2, group_by_length=True)
+    assert np.array_equal(ranks.order, grouped.order)
+    micro = [grouped.get_batch()[0] for _ in range(2)]  # one step: the shorter half, then the longer
+    assert micro[0].size(1) <= micro[1].size(1)
+
+
 def test_resume_on_two_processes_from_a_one_process_checkpoint(tiny_data):
     train.main(TINY + ["--max_iters=4", "--out_dir=weight/a", "--batch_size=4"])
     from test_ddp import torchrun

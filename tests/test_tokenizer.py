@@ -1,4 +1,5 @@
 """Tokenizers: round trips, special tokens as real ids, meta.json, the chat template, streaming."""
+import itertools
 import json
 import random
 
@@ -168,6 +169,58 @@ def test_stream_decoder_char_and_vocab(kind, request):
     pieces = stream(tok, ids)
     assert "".join(pieces) == tok.decode(ids)
     assert pieces[0] == tok.decode(ids[:1])  # text comes out as soon as it is made
+
+
+# ----------------------------------------------------------------------------- UTF-8 sampling
+
+def test_utf8_state_agrees_with_pythons_decoder():
+    """utf8_state(0, b) is 0 exactly when b decodes, and -1 exactly when no continuation bytes
+    could make it decode (every range a continuation must lie in holds one of these)."""
+    rng = random.Random(0)
+    edges = [0x00, 0x41, 0x7F, 0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF, 0xC0, 0xC1, 0xC2, 0xDF, 0xE0, 0xE1,
+             0xEC, 0xED, 0xEE, 0xEF, 0xF0, 0xF1, 0xF3, 0xF4, 0xF5, 0xFF]
+    tails = [b""] + [bytes(t) for n in (1, 2, 3) for t in itertools.product((0x80, 0x8F, 0x90, 0x9F, 0xA0, 0xBF), repeat=n)]
+    for _ in range(3000):
+        b = bytes(rng.choice(edges) for _ in range(rng.randrange(1, 6)))
+        state = tokenizer.utf8_state(0, b)
+        assert (state == 0) == (not _not_utf8(b)), b
+        assert (state >= 0) == any(not _not_utf8(b + t) for t in tails), b
+
+
+def test_utf8_automaton_walks_text_and_is_none_for_whole_characters(gpt2_available):
+    tok = TiktokenTokenizer("gpt2")
+    tok.add_special_tokens(CHAT_TOKENS)
+    after = tok.utf8_automaton
+    assert after.shape == (8, tok.vocab_size)
+    state = 0
+    for i in tok.encode(CHINESE + "🙂"):
+        state = int(after[state, i])
+        assert state >= 0
+    assert state == 0
+    lead = tok.encode("你")[0]  # the first token of 你 ends inside the character
+    assert after[0, lead] > 0 and after[after[0, lead], tok.token_id(END_OF_TURN)] == -1
+    assert CharTokenizer.from_text(CHINESE).utf8_automaton is None
+
+
+def test_sampling_never_writes_a_broken_character():
+    """A random model over a byte-level vocabulary writes broken UTF-8 at once; with the
+    automaton (what sample, chat, serve and eval use) its text has no U+FFFD."""
+    import torch
+    from model import GPT, GPTConfig
+    from sample import utf8_constraint
+    from tokenizer import BPETokenizer
+    tok = BPETokenizer([bytes([i]) for i in range(256)] + ["你".encode(), "好".encode()[:2]], r"\S+|\s+")
+    tok.add_special_tokens([END_OF_TURN])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=320, n_layer=1, n_head=2, n_embd=16)).eval()
+    prompt = torch.tensor([tok.encode("你")])
+    constraint = utf8_constraint(tok, 320, "cpu")
+    for guard in (None, constraint):
+        out = model.generate(prompt, 300, temperature=2.0, generator=torch.Generator().manual_seed(1),
+                             constraint=guard)[0, 1:].tolist()
+        text = tok.decode(out)[:-1]  # the last token may stop inside a character
+        assert ("\ufffd" in text) == (guard is None)
+    assert max(out) < tok.vocab_size  # never a padding id of the model's vocabulary
 
 
 # ----------------------------------------------------------------------------- meta.json
