@@ -4,7 +4,7 @@
 #   python eval.py --out_dir=weight/arith --generate     # exact match on 200 held-out questions
 #   python sample.py --out_dir=weight/arith --chat
 # No pretraining: two thirds of a plain-text corpus of these problems are operands no model can
-# predict, and the time is better spent on answers (pretrain + SFT gave 86.5% in 20 minutes).
+# predict, and the time is better spent on answers (pretrain + SFT gave 86.5% in 24 minutes).
 # The speedrun architecture: rotary, RMSNorm, QK-norm, ReLU^2, Muon.
 dataset = "arith"
 out_dir = "weight/arith"

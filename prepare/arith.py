@@ -3,7 +3,7 @@ A chat skill a small model learns on a CPU in minutes and eval.py can check exac
 asked in varied phrasings, in English and Chinese.
 
     python prepare/arith.py [--name arith] [--n_train 40000] [--n_val 200] [--seed 1337]
-    python train.py config/arith.py                         # a chat model from scratch, ~9.5 min on 2 cores
+    python train.py config/arith.py                         # a chat model from scratch, ~7.5 min on 2 cores
     python eval.py --out_dir=weight/arith --generate        # exact match on the held-out questions
 
 Writes data/<name> (the chats) and data/<name>_base (the same problems as plain sentences, one
