@@ -153,8 +153,11 @@ def plot_confusion(confusion: np.ndarray, names: list[str], path: str) -> None:
 
 # ----------------------------------------------------------------------------- generation
 
-CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
-WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]|[^\W_]+", re.UNICODE)
+CJK_RANGES = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"  # kana, Han, Hangul
+CJK = re.compile(f"[{CJK_RANGES}]")
+# a CJK character alone, or a run of other letters and digits: "58乘7" is 58 / 乘 / 7 (Han
+# characters are word characters too, so a plain \w+ run would swallow them into one token)
+WORD = re.compile(f"[{CJK_RANGES}]|[^\\W_{CJK_RANGES}]+")
 
 
 class CharAwareTokenizer:

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 
+from conftest import ROOT, run_script
 from prepare import arith
 from tokenizer import load_meta
 
@@ -40,3 +41,19 @@ def test_prepare_writes_base_text_and_chats(tmp_path, monkeypatch):
     starts = np.fromfile(os.path.join("data", "arith", "val.idx"), dtype=np.uint64)
     assert len(starts) == 20
     assert json.loads(json.dumps(meta["source"]))["splits"]["train"]["examples"] == 400
+
+
+def test_the_demo_commands_run_end_to_end(tmp_path, monkeypatch):
+    """The README's three commands, shrunk: prepare, train.py config/arith.py from scratch on the
+    chats (answers only), eval.py --generate scoring exact match on the held-out questions."""
+    monkeypatch.chdir(tmp_path)
+    run_script("prepare/arith.py", "--n_train=300", "--n_val=16")
+    run_script("train.py", os.path.join(ROOT, "config", "arith.py"), "--max_iters=3", "--eval_interval=3",
+               "--eval_iters=1", "--n_layer=1", "--n_embd=32", "--device=cpu")
+    config = json.load(open("weight/arith/config.json"))
+    assert config["dataset"] == "arith" and config["group_by_length"] and config["gradient_accumulation_steps"] == 4
+    run_script("eval.py", "--out_dir=weight/arith", "--generate")
+    metrics = json.load(open("weight/arith/eval.json"))
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and metrics["n_replies"] == 16
+    records = [json.loads(line) for line in open("weight/arith/generations.jsonl", encoding="utf-8")]
+    assert len(records) == 16 and all(r["reference"].endswith((".", "。")) for r in records)
