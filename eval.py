@@ -330,9 +330,17 @@ def evaluate_run(cfg: EvalConfig) -> dict:
     tok = from_meta(ckpt["tokenizer"])
     if cfg.dataset:  # a base model scored on its SFT data: read the chat tokens the data appended
         from data import dataset_dir
+        from model import grow_vocab
         from tokenizer import load_meta, same_base
         meta = load_meta(dataset_dir(cfg.dataset))
-        if same_base(ckpt["tokenizer"], meta) and meta["vocab_size"] <= model.config.vocab_size:
+        if same_base(ckpt["tokenizer"], meta) and meta["vocab_size"] > tok.vocab_size:
+            new_ids = range(tok.vocab_size, meta["vocab_size"])
+            if meta["vocab_size"] > model.config.vocab_size:
+                # the chat tokens are new to this model: score it as sft.py starts from it, their
+                # rows at the mean of the trained rows (the "before" of a before/after compare)
+                model = grow_vocab(model, 64 * math.ceil(meta["vocab_size"] / 64), new_ids)
+                print(f"{cfg.out_dir} lacks the ids {new_ids.start}..{new_ids.stop - 1} {cfg.dataset} appended "
+                      "(chat tokens): scored as SFT starts from it, those rows at the mean row")
             tok = from_meta(meta)
     out_dir = cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir)
     result = {"run": cfg.out_dir}

@@ -130,3 +130,13 @@ def test_a_chat_model_replies_to_its_val_conversations_and_to_a_prompts_file(tin
         f.write(json.dumps({"prompt": "add 2 3", "reference": "2+3=5."}) + "\n")
     result = danlu_eval.main(["--out_dir=weight/sft_char_tiny", "--prompts=prompts.jsonl", "--device=cpu"])
     assert result["replies"]["n"] == 1
+
+
+def test_a_base_is_scored_on_its_sft_data_as_sft_starts_from_it(tiny):
+    """The char base has no chat tokens; eval.py grows its vocabulary as sft.py does (new rows
+    at the mean row), so base and SFT model compare on the same answers: SFT lowered the loss."""
+    rows = danlu_eval.main(["--compare", "weight/char_tiny", "weight/sft_char_tiny", "--dataset=sft_char_tiny",
+                            "--device=cpu", "--out=compare.json"])
+    base, tuned = rows["weight/char_tiny"], rows["weight/sft_char_tiny"]
+    assert base["tokens"] == tuned["tokens"] > 0
+    assert tuned["loss"] < base["loss"] < 20
