@@ -6,6 +6,7 @@
 #   bash runs/cpu_demo.sh              # ~9 min on an idle 2-core CPU, then serves on 127.0.0.1:8000
 #   QUICK=1 bash runs/cpu_demo.sh      # a few iterations of each step: checks the plumbing (~2 min)
 #   SERVE=0 bash runs/cpu_demo.sh      # train only
+#   ARITH=1 bash runs/cpu_demo.sh      # and the arithmetic chat model that answers right (+8 min), served too
 #
 # Needs Tiny Shakespeare and LLaMA-Factory's alpaca_en_demo.json under $DATA (default
 # ../shared/data) and, offline, tiktoken's GPT-2 files under $TIKTOKEN_CACHE_DIR.
@@ -19,10 +20,10 @@ fi
 for f in "$DATA/tinyshakespeare.txt" "$DATA/sft/alpaca_en_demo.json"; do
   [ -f "$f" ] || { echo "error: $f is missing; set DATA=/folder/with/tinyshakespeare.txt and sft/alpaca_en_demo.json" >&2; exit 1; }
 done
-CLS_ITERS=() PRE_ITERS=() SFT_ITERS=()
+CLS_ITERS=() PRE_ITERS=() SFT_ITERS=() ARITH_ITERS=()
 if [ "${QUICK:-0}" = 1 ]; then
   CLS_ITERS=(--max_iters=100 --eval_interval=50) PRE_ITERS=(--max_iters=30 --eval_interval=30)
-  SFT_ITERS=(--max_iters=20 --eval_interval=20)
+  SFT_ITERS=(--max_iters=20 --eval_interval=20) ARITH_ITERS=(--max_iters=30 --eval_interval=30)
 fi
 
 . runs/steps.sh  # step and report (the working folder is the repo root from here on)
@@ -34,12 +35,18 @@ step "pretrain"         python train.py config/pretrain_gpt2_small_cpu.py "${PRE
 step "prepare SFT"      python prepare/sft.py --input "$DATA/sft/alpaca_en_demo.json" --name alpaca \
                             --base data/shakespeare_gpt2 --max_length 257
 step "SFT"              python sft.py config/sft_alpaca.py "${SFT_ITERS[@]}"
+SERVED=(--out_dir=weight/sft_alpaca --out_dir=weight/shakespeare_gpt2_cpu --out_dir=weight/tiny_cls)
+if [ "${ARITH:-0}" = 1 ]; then
+  step "prepare arithmetic" python prepare/arith.py
+  step "train arithmetic"   python train.py config/arith.py "${ARITH_ITERS[@]}"
+  step "exact match"        python eval.py --out_dir=weight/arith --generate
+  SERVED=(--out_dir=weight/arith "${SERVED[@]}")
+fi
 
 report
 
 if [ "${SERVE:-1}" = 1 ]; then
   echo
   echo "open http://127.0.0.1:$PORT/ (Ctrl-C stops the server)"
-  exec python serve.py --out_dir=weight/sft_alpaca --out_dir=weight/shakespeare_gpt2_cpu \
-      --out_dir=weight/tiny_cls --port="$PORT"
+  exec python serve.py "${SERVED[@]}" --port="$PORT"
 fi
