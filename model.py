@@ -636,8 +636,10 @@ class GPT(nn.Module):
         """Yield the next token of each row (B,) for up to max_new_tokens steps, stopping early
         once every row has produced a stop token (a finished row repeats its stop token).
         constraint (S, V), a token automaton: every row starts in state 0, may only sample a
-        token t with constraint[state, t] >= 0, and moves to that state (tokenizer.py's
-        utf8_automaton keeps a byte-level model from writing broken characters).
+        token t with constraint[state, t] >= 0, and moves to that state; near max_new_tokens only
+        to states from which state 0 is still reachable in the steps left, so the text also ends
+        in state 0 (tokenizer.py's utf8_automaton: a byte-level model never writes, nor stops
+        inside, a broken character).
 
         Without the cache every step runs the last block_size tokens (nanoGPT's crop): exact,
         and past the window as slow as a whole forward per token. With the cache each step runs
@@ -654,8 +656,11 @@ class GPT(nn.Module):
         stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         state = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)  # of the constraint
+        if constraint is not None:
+            constraint = constraint.long()
+            steps_home = constraint_distance(constraint)  # (S,) tokens from each state back to 0
         caches, pos = None, 0
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             with sdpa_kernel(DECODE_BACKENDS):
                 if caches is not None and pos < caches[0].k.size(2):
                     x = self.body(idx[:, -1:], caches, pos)  # one new position
@@ -668,10 +673,12 @@ class GPT(nn.Module):
                     pos = context.size(1)
             logits = self.head(x[:, -1, :]).float()  # (B, V)
             if constraint is not None:
-                logits = logits.masked_fill(constraint[state] < 0, float("-inf"))
+                after = constraint[state]  # (B, V)
+                left = max_new_tokens - step - 1  # tokens still to come after this one
+                logits = logits.masked_fill((after < 0) | (steps_home[after.clamp(min=0)] > left), float("-inf"))
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
             if constraint is not None:
-                state = constraint[state, next_token].long().clamp(min=0)  # a finished row may be anywhere
+                state = constraint[state, next_token].clamp(min=0)  # a finished row may be anywhere
             if stop.numel():
                 next_token = torch.where(done, idx[:, -1], next_token)
                 done |= torch.isin(next_token, stop)
@@ -689,6 +696,19 @@ class GPT(nn.Module):
         new = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p,
                                         stop_tokens, use_cache, generator, constraint))
         return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+def constraint_distance(constraint: Tensor) -> Tensor:
+    """(S,) the fewest tokens that lead from each state of a token automaton (S, V; -1: no
+    move) back to state 0; a state that never returns gets S (more than any real distance)."""
+    S = constraint.size(0)
+    dist = torch.full((S,), S, dtype=torch.long, device=constraint.device)
+    dist[0] = 0
+    for _ in range(S):  # Bellman-Ford: S rounds settle every shortest path
+        via = torch.where(constraint >= 0, dist[constraint.clamp(min=0)] + 1, S)  # (S, V)
+        dist = torch.minimum(dist, via.min(dim=1).values)
+        dist[0] = 0
+    return dist
 
 
 def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:

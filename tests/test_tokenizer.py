@@ -206,7 +206,7 @@ def test_sampling_never_writes_a_broken_character():
     """A random model over a byte-level vocabulary writes broken UTF-8 at once; with the
     automaton (what sample, chat, serve and eval use) its text has no U+FFFD."""
     import torch
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, constraint_distance
     from sample import utf8_constraint
     from tokenizer import BPETokenizer
     tok = BPETokenizer([bytes([i]) for i in range(256)] + ["你".encode(), "好".encode()[:2]], r"\S+|\s+")
@@ -215,11 +215,16 @@ def test_sampling_never_writes_a_broken_character():
     model = GPT(GPTConfig(block_size=32, vocab_size=320, n_layer=1, n_head=2, n_embd=16)).eval()
     prompt = torch.tensor([tok.encode("你")])
     constraint = utf8_constraint(tok, 320, "cpu")
+    # the fewest tokens back to a whole character: one per continuation byte owed, here
+    assert constraint_distance(constraint.long()).tolist() == [0, 1, 2, 2, 2, 3, 3, 3]
     for guard in (None, constraint):
-        out = model.generate(prompt, 300, temperature=2.0, generator=torch.Generator().manual_seed(1),
-                             constraint=guard)[0, 1:].tolist()
-        text = tok.decode(out)[:-1]  # the last token may stop inside a character
-        assert ("\ufffd" in text) == (guard is None)
+        for n in (300, 1, 2, 3, 4, 5):  # the text must end whole however short the budget
+            out = model.generate(prompt, n, temperature=2.0, generator=torch.Generator().manual_seed(n),
+                                 constraint=guard)[0, 1:].tolist()
+            if n == 300:
+                assert ("\ufffd" in tok.decode(out)) == (guard is None)
+            elif guard is not None:
+                assert "\ufffd" not in tok.decode(out) and len(out) == n
     assert max(out) < tok.vocab_size  # never a padding id of the model's vocabulary
 
 
