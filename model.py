@@ -425,6 +425,8 @@ class GPT(nn.Module):
             if config.n_class < 1:
                 raise ConfigError("cls_head = 'mlp' needs n_class >= 1; train.py takes it from a "
                                   "classification dataset (prepare/tiny_cls.py)", "n_class")
+            if not config.tie_embeddings:  # an untied LM head never enters the class loss:
+                self.lm_head.weight.requires_grad_(False)  # frozen, or DDP waits for its gradient
             hidden = max(1, config.n_embd // 2)
             self.cls_mlp = nn.Sequential(nn.Linear(config.n_embd, hidden), nn.GELU(),
                                          nn.Linear(hidden, config.n_class))

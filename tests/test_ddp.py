@@ -115,3 +115,17 @@ def test_init_from_auto_starts_fresh_then_resumes(tmp_path, monkeypatch):
     summary = train.main(TINY + ["--init_from=auto", "--max_iters=6", "--out_dir=weight/a"])
     assert summary["iters"] == 6
     assert [r["iter"] for r in read_log("weight/a") if "lr" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_two_processes_train_the_mlp_class_head_with_untied_embeddings(tmp_path, monkeypatch):
+    """cls_head = mlp reads the <CLS> state; an untied LM head gets no gradient, so it is frozen
+    (DDP stopped with "Expected to have finished reduction" while it was trainable)."""
+    monkeypatch.chdir(tmp_path)
+    from prepare import tiny_cls
+    tiny_cls.main([])
+    r = torchrun(os.path.join(ROOT, "config", "tiny_cls_mlp.py"), "--tie_embeddings=False", "--max_iters=2",
+                 "--eval_interval=2", "--eval_iters=2", "--gradient_accumulation_steps=2", "--n_layer=1",
+                 "--device=cpu", "--out_dir=weight/mlp")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = load_checkpoint("weight/mlp")
+    assert ckpt["iter_num"] == 2 and ckpt["world_size"] == 2
