@@ -282,7 +282,7 @@ def compare(runs: list[str], cfg: EvalConfig) -> dict:
             evaluate_run(EvalConfig(**{**cfg.__dict__, "out_dir": run_dir}))
         with open(path, encoding="utf-8") as f:
             result = json.load(f)
-        rows[run_dir] = {**result.get("lm", {}), **result.get("classify", {}), **result.get("replies", {})}
+        rows[run_dir] = {k: v for k, v in result.items() if k != "run"}
     print(markdown_table(rows))
     out = cfg.out or "compare.json"
     write_json(out, rows)
@@ -343,24 +343,22 @@ def evaluate_run(cfg: EvalConfig) -> dict:
                       "(chat tokens): scored as SFT starts from it, those rows at the mean row")
             tok = from_meta(meta)
     out_dir = cfg.out_dir if os.path.isdir(cfg.out_dir) else os.path.dirname(cfg.out_dir)
-    result = {"run": cfg.out_dir}
+    result = {"run": cfg.out_dir}  # one flat record: the dataset's metrics, then the replies'
     if ckpt["tokenizer"].get("task") == "classify":
-        result["classify"] = classifier_metrics(model, ckpt, cfg, run, out_dir)
-        print(f"accuracy {100 * result['classify']['accuracy']:.2f}% ({out_dir}/confusion.png)")
-    else:
-        result["lm"] = dataset_metrics(model, tok, ckpt, cfg, run) if (cfg.dataset or
-                                                                       ckpt["train_config"].get("dataset")) else {}
-        lm = result["lm"]
-        if lm:
-            print(f"{lm['dataset']} {lm['split']}: loss {lm['loss']:.4f}, ppl {lm['ppl']:.2f}, bpb "
-                  f"{lm['bpb']:.4f}, top-1 {100 * lm['top1_acc']:.2f}%, top-5 {100 * lm['top5_acc']:.2f}%")
+        result.update(classifier_metrics(model, ckpt, cfg, run, out_dir))
+        print(f"accuracy {100 * result['accuracy']:.2f}% ({out_dir}/confusion.png)")
+    elif cfg.dataset or ckpt["train_config"].get("dataset"):
+        lm = dataset_metrics(model, tok, ckpt, cfg, run)
+        result.update(lm)
+        print(f"{lm['dataset']} {lm['split']}: loss {lm['loss']:.4f}, ppl {lm['ppl']:.2f}, bpb "
+              f"{lm['bpb']:.4f}, top-1 {100 * lm['top1_acc']:.2f}%, top-5 {100 * lm['top5_acc']:.2f}%")
     if cfg.generate or cfg.prompts:
         items = jsonl_prompts(cfg.prompts, tok, cfg.max_examples) if cfg.prompts else val_conversations(ckpt, cfg, tok)
         records = generate_replies(model, tok, items, cfg, run)
         with atomic_write(os.path.join(out_dir, "generations.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        result["replies"] = score_records(records)
-        r = result["replies"]
+        r = score_records(records)
+        result.update(r)
         print(f"{r['n']} replies: BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}, ROUGE-1/2/L {r['rouge1']:.2f}/"
               f"{r['rouge2']:.2f}/{r['rougeL']:.2f}, exact match {r['exact_match']:.1f}%")
     write_json(os.path.join(out_dir, "eval.json"), result)
