@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, run_script
 from prepare import arith
@@ -46,6 +47,8 @@ def test_prepare_writes_base_text_and_chats(tmp_path, monkeypatch):
 def test_the_demo_commands_run_end_to_end(tmp_path, monkeypatch):
     """The README's three commands, shrunk: prepare, train.py config/arith.py from scratch on the
     chats (answers only), eval.py --generate scoring exact match on the held-out questions."""
+    pytest.importorskip("sacrebleu")
+    pytest.importorskip("rouge_score")
     monkeypatch.chdir(tmp_path)
     run_script("prepare/arith.py", "--n_train=300", "--n_val=16")
     run_script("train.py", os.path.join(ROOT, "config", "arith.py"), "--max_iters=3", "--eval_interval=3",

@@ -89,8 +89,7 @@ def test_a_char_models_bits_per_byte_is_its_loss_in_bits_per_character(tmp_path,
     monkeypatch.chdir(tmp_path)
     make_char_dataset(tmp_path)
     train.main(TINY + ["--max_iters=5", "--out_dir=weight/a"])
-    result = danlu_eval.main(["--out_dir=weight/a", "--device=cpu"])
-    lm = result
+    lm = danlu_eval.main(["--out_dir=weight/a", "--device=cpu"])
     assert lm["bpb"] == pytest.approx(lm["loss"] / math.log(2), rel=1e-6)
     assert json.load(open("weight/a/eval.json"))["tokens"] == lm["tokens"] > 0
     run_script("eval.py", "--plot", "weight/a", "--out=curves.png")
