@@ -2,7 +2,6 @@
 results; bits per byte; top-k accuracy; the pictures; the commands as users run them."""
 import json
 import math
-import os
 from types import SimpleNamespace
 
 import pytest
