@@ -122,9 +122,14 @@ PREPARE_HINT = {
 }
 
 
+def dataset_path(name: str) -> str:
+    """data/<name>, or name itself if it is a path to a folder (whether or not it exists)."""
+    return name if os.path.isdir(name) else os.path.join("data", name)
+
+
 def dataset_dir(name: str) -> str:
-    """data/<name>, or name itself if it is a path to a folder."""
-    path = name if os.path.isdir(name) else os.path.join("data", name)
+    """dataset_path(name), checked to hold a prepared dataset."""
+    path = dataset_path(name)
     if not os.path.exists(os.path.join(path, "meta.json")):
         hint = PREPARE_HINT.get(os.path.basename(name.rstrip("/")),
                                 f"python prepare/text.py --input YOUR_FILES --name {name}")

@@ -297,12 +297,13 @@ def classify_images(cfg: SampleConfig, model, tok, ckpt, run) -> list[dict]:
     after a class is scored against it, and the accuracy printed."""
     import csv
     from classify import class_names, class_probs, class_token_ids, image_ids
+    from data import dataset_path
     from prepare.codebook import ImageError, image_codebook, image_pixels, read_image
     from prepare.tiny_cls import image_files
     meta = ckpt["tokenizer"]
     dataset = ckpt.get("train_config", {}).get("dataset", "")
     try:
-        book = image_codebook(meta, dataset if os.path.isdir(dataset) else os.path.join("data", dataset))
+        book = image_codebook(meta, dataset_path(dataset))
     except ValueError as e:
         raise ConfigError(f"{cfg.out_dir}: {e}") from None
     if not os.path.exists(cfg.image):

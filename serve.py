@@ -342,6 +342,7 @@ def image_ids(s: Served, text: str) -> tuple[list[int], list[list[int]]]:
     """(token ids <IMG> codes </IMG> <CLS>, the grid the model saw, in levels of max_value),
     through the functions that prepared its training images."""
     from classify import image_ids as encode
+    from data import dataset_path
     from prepare.codebook import image_codebook, image_pixels
     try:
         book = image_codebook(s.meta, dataset_path(s.train_config.get("dataset", "")))
@@ -349,11 +350,6 @@ def image_ids(s: Served, text: str) -> tuple[list[int], list[list[int]]]:
         return encode(s.tok, book, pixels, s.model.config.block_size), pixels.astype(int).tolist()
     except ValueError as e:
         raise ApiError(400, f"{s.name}: {e}") from None
-
-
-def dataset_path(name: str) -> str:
-    """data/<name>, or name itself when it is a folder (as train.py resolves a dataset)."""
-    return name if os.path.isdir(name) else os.path.join("data", name)
 
 
 def token_ids(s: Served, tokens: list) -> list[int]:
