@@ -660,7 +660,10 @@ class GPT(nn.Module):
         state = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)  # of the constraint
         if constraint is not None:
             constraint = constraint.long()
-            steps_home = constraint_distance(constraint)  # (S,) tokens from each state back to 0
+            # (S, V): tokens still owed after t is written in state s before state 0 is back;
+            # a forbidden move owes more than any budget, so one comparison per step masks both
+            owed = torch.where(constraint >= 0, constraint_distance(constraint)[constraint.clamp(min=0)],
+                               max_new_tokens)
         caches, pos = None, 0
         for step in range(max_new_tokens):
             with sdpa_kernel(DECODE_BACKENDS):
@@ -674,10 +677,8 @@ class GPT(nn.Module):
                     x = self.body(context, caches if use_cache else None, 0)
                     pos = context.size(1)
             logits = self.head(x[:, -1, :]).float()  # (B, V)
-            if constraint is not None:
-                after = constraint[state]  # (B, V)
-                left = max_new_tokens - step - 1  # tokens still to come after this one
-                logits = logits.masked_fill((after < 0) | (steps_home[after.clamp(min=0)] > left), float("-inf"))
+            if constraint is not None:  # tokens still to come after this one: max_new_tokens - step - 1
+                logits = logits.masked_fill(owed[state] > max_new_tokens - step - 1, float("-inf"))
             next_token = sample_next(logits, temperature, top_k, top_p, generator)
             if constraint is not None:
                 state = constraint[state, next_token].clamp(min=0)  # a finished row may be anywhere
