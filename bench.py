@@ -25,10 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from common import (ConfigError, atomic_write, cli, config_dict, load_config, load_model, measure_matmul_flops,
-                    peak_flops, print0, resolve_cpu_dtype, setup_runtime, sync_device)
+from checkpoint import load_model
 from data import DataError, dataset_dir
+from engine import generate as decode
+from files import atomic_write
 from model import GPT, GPTConfig
+from runtime import measure_matmul_flops, peak_flops, print0, resolve_cpu_dtype, setup_runtime, sync_device
+from settings import ConfigError, cli, config_dict, load_config
 from tokenizer import load_meta
 from train import TrainConfig, Trainer, make_loaders, model_config_for
 
@@ -105,7 +108,7 @@ def phase_split(trainer, n: int) -> dict:
     def forward(backward: bool):
         for x, y, w in batches:
             with run.autocast:
-                loss = model(x, y, w, loss_only=trainer.loss_only, reduction="sum")[1] / trainer.norm
+                loss = trainer.objective(x, y, w)[0] / trainer.norm
             if backward:
                 loss.backward()
         model.zero_grad(set_to_none=True)
@@ -154,7 +157,7 @@ def bench_training(cfg, run, model, loader, peak: float) -> dict:
 def bench_sampling(cfg, run, model) -> dict:
     """Greedy generation of sample_tokens with and without the KV cache, from the same prompt,
     timed in the run's precision. The two must agree token for token while the text fits
-    block_size (past it the cache shifts the context, see GPT.generate_stream); in reduced
+    block_size (past it the cache shifts the context, see engine.generate_stream); in reduced
     precision (or TF32) the two paths round differently and a near-tie can flip, so there the
     check reruns both in strict float32."""
     model.eval()
@@ -162,12 +165,12 @@ def bench_sampling(cfg, run, model) -> dict:
     prompt = torch.randint(0, model.config.vocab_size, (1, cfg.sample_prompt), generator=g).to(run.device)
 
     def generate(use_cache):
-        return model.generate(prompt, cfg.sample_tokens, temperature=0.0, use_cache=use_cache)
+        return decode(model, prompt, cfg.sample_tokens, temperature=0.0, use_cache=use_cache)
 
     out, seconds = {}, {}
     for use_cache in (True, False):
         with run.autocast:
-            model.generate(prompt, 4, temperature=0.0, use_cache=use_cache)  # warm up
+            decode(model, prompt, 4, temperature=0.0, use_cache=use_cache)  # warm up
             sync_device(run.device)
             t0 = time.perf_counter()
             out[use_cache] = generate(use_cache)
@@ -241,7 +244,7 @@ def report(result: dict) -> str:
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     cfg = load_config(BenchConfig, argv)
-    run = setup_runtime(cfg.device, cfg.dtype)
+    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
     if run.ddp:
         raise ConfigError("bench.py measures one process; run it with python, not torchrun")
     config_name = os.path.splitext(os.path.basename(argv[0]))[0] if argv and not argv[0].startswith("--") else "default"

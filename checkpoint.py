@@ -1,6 +1,7 @@
 """
-The run folder's files on disk: one atomic write, checkpoint save / load, and the policy of
-which checkpoint serves which purpose.
+Checkpoints, and every source of weights: ckpt.pt / best.pt save and load (one format, one
+upgrade()), and "a source -> a checkpoint" for a run folder, a .pt file, a Hugging Face folder
+(read by convert.py) or a GPT-2 name, with LoRA runs rebuilt on their base (lora.py).
 
     weight/<run>/ckpt.pt   the latest training state: weights, optimizer, GradScaler, data
                            position, iteration. Written at each evaluation when
@@ -16,59 +17,23 @@ A LoRA run's files hold only its adapters, with `lora_base`: {"path", "sha256"} 
 they were trained on and the hash of its weights. load_model and plain_checkpoint read the base
 again from that path and refuse it when its weights changed since.
 """
-import contextlib
 import dataclasses
-import glob
 import hashlib
+import json
 import os
 
 import torch
 
-CKPT_VERSION = 2
+from convert import GPT2_NAMES, ConvertError, download_gpt2, folder_tokenizer, hf_checkpoint, is_hf_folder
+from files import atomic_write
+from lora import LORA_KEYS, add_adapters, lora_config, merge
+from model import GPT, gpt_config
+
+CKPT_VERSION = 3
 
 
 class CheckpointError(RuntimeError):
     pass
-
-
-@contextlib.contextmanager
-def atomic_write(path: str, mode: str = "wb", **open_kwargs):
-    """Open a temp file beside path for writing; on success fsync it, rename it over path and
-    fsync the folder, so a crash at any moment leaves the old file or the new one, never half.
-    On failure the temp file is removed and the old file is untouched. Temp files left by a
-    killed writer (kill -9, power loss) are removed the next time path is written."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    name = os.path.basename(path)
-    for stale in glob.glob(os.path.join(folder, f".{glob.escape(name)}.*.tmp")):
-        pid = stale.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            os.remove(stale)
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(folder, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def save_checkpoint(path: str, ckpt: dict) -> None:
@@ -84,11 +49,23 @@ def save_checkpoint(path: str, ckpt: dict) -> None:
 def upgrade(ckpt: dict) -> dict:
     """Bring an older checkpoint to CKPT_VERSION (the one place that knows old layouts).
     Version 1 kept every rank's RNG and data-loader state under "rng"; version 2 draws random
-    numbers as a function of (seed, rank, iteration) and keeps one global data position."""
-    if ckpt.get("format_version", 0) < 2 and "rng" in ckpt:
+    numbers as a function of (seed, rank, iteration) and keeps one global data position.
+    Version 2 kept the LoRA keys in model_config and the new tokens' rows as lora_wte /
+    lora_head; version 3 keeps the keys under "lora" and the rows in the modules that use them."""
+    version = ckpt.get("format_version", 0)
+    if version < 2 and "rng" in ckpt:
         rng = ckpt.pop("rng")
         ckpt["loader"] = None  # v1 stored a generator state this loader no longer uses
         ckpt["world_size"] = len(rng)
+    if version < 3:
+        keys = {k: ckpt["model_config"].pop(k) for k in LORA_KEYS if k in ckpt["model_config"]}
+        if keys.get("lora_rank"):
+            ckpt["lora"] = keys
+        state = ckpt["model"]
+        if "lora_wte" in state:
+            state["transformer.wte.lora_rows"] = state.pop("lora_wte")
+            tied = ckpt["model_config"].get("tie_embeddings", True)
+            state["lm_head.lora_rows"] = state["transformer.wte.lora_rows"] if tied else state.pop("lora_head")
     ckpt["format_version"] = CKPT_VERSION
     return ckpt
 
@@ -126,22 +103,10 @@ def load_checkpoint(path: str) -> dict:
     return upgrade(ckpt)
 
 
-def gpt_config(source, **changes):
-    """The one way to build a GPTConfig: from a checkpoint's model_config dict or any config
-    object holding the GPTConfig keys (train's, sft's), other keys ignored, then `changes`."""
-    from model import GPTConfig
-    get = source.get if isinstance(source, dict) else lambda k, d=None: getattr(source, k, d)
-    known = {f.name: get(f.name, f.default) for f in dataclasses.fields(GPTConfig)}
-    known = {k: v for k, v in known.items() if v is not dataclasses.MISSING}
-    return GPTConfig(**{**known, **changes})
-
-
 def load_model(source: str, device: str = "cpu"):
     """(model in eval mode, checkpoint dict) from a run folder (best.pt, else ckpt.pt), a
-    checkpoint file, a Hugging Face folder or a GPT-2 name (convert.py reads those two). A LoRA
+    checkpoint file, a Hugging Face folder or a GPT-2 name (pretrained_checkpoint). A LoRA
     run comes with its base, adapters beside it (unmerged, as trained)."""
-    from convert import pretrained_checkpoint
-    from model import GPT
     ckpt = pretrained_checkpoint(source)
     if ckpt.get("lora_base"):
         model = lora_model(ckpt, source)
@@ -169,9 +134,7 @@ def base_model(base: dict, config, new_ids: range):
     positions cut to config.block_size, the vocabulary grown to config.vocab_size (new_ids at
     the mean row), dropout and attn_impl from config. train.py and sft.py build the base this
     way, and a LoRA run's base is rebuilt this way when it loads."""
-    from model import GPT, grow_vocab
-    plain = dataclasses.replace(config, vocab_size=base["model_config"]["vocab_size"], lora_rank=0,
-                                lora_new_tokens_from=0)
+    plain = dataclasses.replace(config, vocab_size=base["model_config"]["vocab_size"])
     state = dict(base["model"])
     if "transformer.wpe.weight" in state:  # learned positions: keep the first block_size
         state["transformer.wpe.weight"] = state["transformer.wpe.weight"][:config.block_size]
@@ -196,8 +159,6 @@ def check_base(ref: dict, base: dict, where: str) -> None:
 def lora_model(ckpt: dict, where: str):
     """A LoRA run's model: its base read again from lora_base's path (refused when its weights
     changed) with the checkpoint's adapters beside it."""
-    from convert import GPT2_NAMES
-    from model import add_adapters
     ref = ckpt["lora_base"]
     if ref["path"] not in GPT2_NAMES and not os.path.exists(ref["path"]):
         raise CheckpointError(f"{where} holds LoRA adapters of the base {ref['path']}, which is not there; "
@@ -206,17 +167,79 @@ def lora_model(ckpt: dict, where: str):
     check_base(ref, base, where)
     config = gpt_config(ckpt["model_config"])
     new_ids = range(base["tokenizer"]["vocab_size"], ckpt["tokenizer"]["vocab_size"])
-    return add_adapters(base_model(base, config, new_ids), config, ckpt["model"])
+    return add_adapters(base_model(base, config, new_ids), lora_config(ckpt["lora"]), ckpt["model"])
 
 
 def plain_checkpoint(source: str) -> dict:
-    """convert.pretrained_checkpoint(source), with a LoRA run's adapters merged into its base:
-    the checkpoint of a plain model (export.py, sft.py's base, train.py's init_from)."""
-    from convert import pretrained_checkpoint
+    """pretrained_checkpoint(source), with a LoRA run's adapters merged into its base: the
+    checkpoint of a plain model (export.py, sft.py's base, train.py's init_from)."""
     ckpt = pretrained_checkpoint(source)
     if not ckpt.get("lora_base"):
         return ckpt
-    model = lora_model(ckpt, source).merged()
+    model = merge(lora_model(ckpt, source))
     ckpt.update(model=model.state_dict(), model_config=dataclasses.asdict(model.config),
                 merged_from=ckpt.pop("lora_base"))
+    ckpt.pop("lora", None)
     return ckpt
+
+
+# ----------------------------------------------------------------------------- sources
+
+def is_run(path: str) -> bool:
+    return os.path.isfile(path) or any(os.path.exists(os.path.join(path, n)) for n in ("ckpt.pt", "best.pt"))
+
+
+def pretrained_checkpoint(source: str) -> dict:
+    """A checkpoint-shaped dict (model, model_config, tokenizer, train_config, iter_num) from a
+    gpt2 name, a Hugging Face folder or a danlu run folder / .pt file."""
+    if source in GPT2_NAMES:
+        return hf_checkpoint(download_gpt2(source), source)
+    if is_run(source):
+        return load_checkpoint(weights_path(source))
+    if is_hf_folder(source):
+        return hf_checkpoint(source, source)
+    missing = "" if os.path.exists(source) else " does not exist"
+    raise ConvertError(f"{source}{missing}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face folder "
+                       "(config.json + model.safetensors) or a danlu run folder (ckpt.pt)")
+
+
+def tokenizer_meta(source: str) -> dict:
+    """The tokenizer meta of a source, without reading its weights (prepare/text.py
+    --tokenizer=HF_FOLDER: data for continued pretraining of an imported model)."""
+    if source in GPT2_NAMES:
+        source = download_gpt2(source)
+    if is_run(source):
+        return load_checkpoint(weights_path(source))["tokenizer"]
+    if not os.path.isdir(source):
+        raise ConvertError(f"{source}: not a GPT-2 name, a Hugging Face folder or a danlu run folder")
+    hf = {}
+    if os.path.exists(os.path.join(source, "config.json")):
+        with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
+            hf = json.load(f)
+    return folder_tokenizer(source, hf)
+
+
+def load_pretrained(source: str):
+    """(GPTConfig, state dict, tokenizer meta) of a gpt2 name, HF folder or danlu run."""
+    ckpt = pretrained_checkpoint(source)
+    return gpt_config(ckpt["model_config"]), ckpt["model"], ckpt["tokenizer"]
+
+
+def grow_vocab(model: GPT, vocab_size: int, new_ids: range) -> GPT:
+    """The same model with vocab_size rows in wte and lm_head (tied or not). Rows of new_ids
+    (which may include the old padding rows) start at the mean of the trained rows below
+    new_ids.start, so a new token begins as an 'average' token rather than a random one;
+    every other row is kept, so logits of old tokens do not change."""
+    old = model.config.vocab_size
+    if vocab_size <= old and len(new_ids) == 0:
+        return model
+    grown = GPT(dataclasses.replace(model.config, vocab_size=max(old, vocab_size)))
+    state = model.state_dict()
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        w = state[key]  # (old, C); with tied embeddings both keys hold the same matrix
+        mean = w[:new_ids.start].mean(dim=0)
+        rows = torch.cat([w, mean.expand(grown.config.vocab_size - old, -1)])
+        rows[new_ids.start:new_ids.stop] = mean
+        state[key] = rows
+    grown.load_state_dict(state)
+    return grown

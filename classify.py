@@ -4,12 +4,10 @@ the predicted class is read at the `<CLS>` position: with cls_head="lm", the mos
 token of the next-token distribution there (softmax over the class tokens only); with "mlp",
 the model's classification head on the <CLS> hidden state. Used by train.py (val accuracy at
 each eval), by `sample.py --classify` (the full report, written to cls_eval.json; --image for
-image files) and by serve.py; this is also where an image's codes become the model's input.
+image files) and by serve.py. How an image becomes that input is images.py.
 """
 import numpy as np
 import torch
-
-from prepare.tiny_cls import CLS, END_IMG, IMG, code_token, split_image
 
 
 def class_token_ids(meta: dict) -> list[int]:
@@ -23,42 +21,6 @@ def class_names(meta: dict) -> list[str]:
     if meta.get("class_names"):
         return list(meta["class_names"])
     return [t[len("<CLS_"):-1] if t.startswith("<CLS_") else t for t in meta["class_tokens"]]
-
-
-# ----------------------------------------------------------------------------- model input
-
-def wrap_codes(tok, codes: list[int], block_size: int) -> list[int]:
-    """Code token ids -> <IMG> codes </IMG> <CLS>, the prefix training examples have before
-    their answer. ValueError when it is longer than the model reads."""
-    ids = [tok.stoi[IMG]] + list(codes) + [tok.stoi[END_IMG], tok.stoi[CLS]]
-    if len(ids) > block_size:
-        raise ValueError(f"tokens: {len(ids)} tokens with the markers; the model reads at most "
-                         f"{block_size}")
-    return ids
-
-
-def token_ids(tok, tokens: list, block_size: int) -> list[int]:
-    """Ids or names of an image's tokens (a tail such as </IMG> <CLS> may be there or not) ->
-    <IMG> codes </IMG> <CLS>, as training saw them. ValueError names the bad entry."""
-    names = tok.tokens
-    for i, t in enumerate(tokens):
-        if isinstance(t, int) and not 0 <= t < len(names):
-            raise ValueError(f"tokens.{i}: id {t} is outside this vocabulary (0..{len(names) - 1})")
-        if isinstance(t, str) and t not in tok.stoi:
-            raise ValueError(f"tokens.{i}: {t!r} is not in this vocabulary")
-    words, _ = split_image([names[t] if isinstance(t, int) else t for t in tokens])
-    if not words:
-        raise ValueError("tokens: no image tokens before the </IMG> <CLS> tail")
-    return wrap_codes(tok, [tok.stoi[w] for w in words], block_size)
-
-
-def image_ids(tok, codebook: dict, pixels: np.ndarray, block_size: int) -> list[int]:
-    """(H, W) pixels (prepare.codebook.image_pixels) -> <IMG> codes </IMG> <CLS>, encoded
-    exactly as prepare/tiny_cls.py encodes a training image."""
-    from prepare.codebook import encode_images
-    codes = encode_images(pixels[None], codebook)[0]
-    first = tok.stoi[code_token(0)]
-    return wrap_codes(tok, [first + int(c) for c in codes], block_size)
 
 
 # ----------------------------------------------------------------------------- predictions

@@ -16,13 +16,16 @@ import dataclasses
 import json
 import math
 import os
+import re
 
 import torch
 from torch import Tensor
 
-from checkpoint import atomic_write, gpt_config, load_checkpoint, weights_path
-from model import GPT, GPTConfig
-from tokenizer import CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, TiktokenTokenizer
+from files import atomic_write
+from model import GPT, GPTConfig, gpt_config
+from settings import ConfigError
+from tokenizer import (CHAT_TOKENS, END_OF_TURN, MAX_JSON_BYTES, ROLE_TOKENS, TiktokenTokenizer, json_kind,
+                       json_value, one_line, pattern_problem)
 
 GPT2_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, each with one leading
@@ -46,26 +49,82 @@ ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "
              "U8": torch.uint8, "BOOL": torch.bool}
 
 
+MAX_HEADER = 100 * 2**20  # a safetensors header (JSON) this long is not a model's; refuse before reading
+MAX_DIMS = 8  # no weight has more; a header listing millions of dimensions would stall reshape
+
+
+def shown(value) -> str:
+    """A stranger's value for a message: its repr, cut short (it may be megabytes long)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def read_safetensors(path: str) -> dict[str, Tensor]:
     """Every tensor of a .safetensors file, as views of the memory-mapped file (pages are read
-    when a tensor is used, so a model is never held twice)."""
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        data = torch.from_file(path, shared=False, size=os.path.getsize(path), dtype=torch.uint8)
-        out = {}
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            start, end = (8 + n + o for o in info["data_offsets"])
-            dtype = ST_DTYPES[info["dtype"]]
-            raw = data[start:end] if start % dtype.itemsize == 0 else data[start:end].clone()
-            out[name] = raw.view(dtype).reshape(info["shape"])
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise ConvertError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); "
-                           "download it again") from None
+    when a tensor is used, so a model is never held twice). The header is checked whole first,
+    so nothing is allocated for a file that lies about its tensors."""
+    entries, data_start = safetensors_header(path)
+    data = torch.from_file(path, shared=False, size=os.path.getsize(path), dtype=torch.uint8)
+    out = {}
+    for name, (dtype, shape, start, end) in entries.items():
+        start, end = data_start + start, data_start + end
+        raw = data[start:end] if start % dtype.itemsize == 0 else data[start:end].clone()
+        out[name] = raw.view(dtype).reshape(shape)
     return out
+
+
+def safetensors_header(path: str) -> tuple[dict, int]:
+    """({name: (dtype, shape, start, end)}, where the data starts) of a safetensors file, as the
+    safetensors library checks it: a header length within the file, a JSON object, known dtypes,
+    shapes that fill their byte ranges exactly, and ranges that tile the data in order."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > min(size - 8, MAX_HEADER):
+            raise not_safetensors(path, f"its header length {n:,} does not fit a {size:,}-byte file")
+        try:
+            header = json_value(f.read(n))
+        except ValueError as e:
+            raise not_safetensors(path, f"its header is {e}") from None
+    if not isinstance(header, dict):
+        raise not_safetensors(path, f"its header is {json_kind(header)}, not a JSON object")
+    data_size = size - 8 - n
+    entries = {name: tensor_entry(path, name, info, data_size) for name, info in header.items()
+               if name != "__metadata__"}
+    at = 0  # each tensor starts where the one before it ends: no overlap, no gap
+    for name, (_, _, start, end) in sorted(entries.items(), key=lambda kv: kv[1][2:]):
+        if start != at:
+            raise not_safetensors(path, f"tensor {shown(name)} starts at byte {start:,} of the data, "
+                                  f"not at {at:,} where the tensor before it ends")
+        at = end
+    if at != data_size:
+        raise not_safetensors(path, f"its tensors end at byte {at:,} of the data, not at its end ({data_size:,})")
+    return entries, 8 + n
+
+
+def tensor_entry(path: str, name: str, info, data_size: int) -> tuple:
+    """(dtype, shape, start, end) of one header entry, or a ConvertError naming the field."""
+    whole = lambda v: type(v) is int  # JSON true/false are not sizes
+    info = info if isinstance(info, dict) else {}
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    where = f"tensor {shown(name)}"
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+        raise not_safetensors(path, f"{where} has dtype {shown(dtype)}, not one danlu reads ({', '.join(ST_DTYPES)})")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(whole(d) and 0 <= d < 2**63 for d in shape)):
+        raise not_safetensors(path, f"{where} has shape {shown(shape)}, not a list of at most {MAX_DIMS} sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(whole, offsets))
+            and 0 <= offsets[0] <= offsets[1] <= data_size):
+        raise not_safetensors(path, f"{where} has data_offsets {shown(offsets)}, not a [start, end] range "
+                              f"within the file's {data_size:,} data bytes")
+    nbytes = math.prod(shape) * ST_DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != nbytes:
+        raise not_safetensors(path, f"{where} of shape {shape} and dtype {dtype} needs {nbytes:,} bytes, "
+                              f"but its data_offsets span {offsets[1] - offsets[0]:,}")
+    return ST_DTYPES[dtype], shape, offsets[0], offsets[1]
+
+
+def not_safetensors(path: str, why: str) -> ConvertError:
+    return ConvertError(f"{path}: not a readable safetensors file ({why}); download it again")
 
 
 def write_safetensors(path: str, tensors: dict[str, Tensor], metadata: dict | None = None) -> None:
@@ -86,19 +145,71 @@ def write_safetensors(path: str, tensors: dict[str, Tensor], metadata: dict | No
             f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+# ----------------------------------------------------------------------------- a stranger's folder
+
+def folder_file(folder: str, name: str, named_by: str = "") -> str:
+    """The path of file `name` of a Hugging Face folder, checked before it is opened: it must
+    stay inside the folder (no absolute name, no .., no symlink pointing out; huggingface_hub's
+    cache, whose snapshot files link to ../../blobs, counts as inside) and be a regular file (a
+    FIFO or a device would block or never end)."""
+    path = os.path.join(folder, name)
+    source = f" ({named_by} names it)" if named_by else ""
+    try:
+        real = os.path.realpath(path)
+    except (ValueError, OSError) as e:  # a NUL byte in the name, a symlink loop
+        raise ConvertError(f"{path}{source}: not a usable file name ({one_line(e)}); download the model again") from None
+    if not any(os.path.commonpath([real, root]) == root for root in folder_roots(folder)):
+        raise ConvertError(f"{path}{source}: leaves the folder (it resolves to {real}); danlu reads only "
+                           f"files inside {folder}: copy the file in")
+    if not os.path.exists(real):
+        raise ConvertError(f"{path}{source}: no such file; download the model again")
+    if not os.path.isfile(real) or not os.access(real, os.R_OK):
+        raise ConvertError(f"{path}{source}: not a readable regular file; download the model again")
+    return path
+
+
+def folder_roots(folder: str) -> list[str]:
+    real = os.path.realpath(folder)
+    parent = os.path.dirname(real)
+    if os.path.basename(parent) == "snapshots":  # huggingface_hub's cache: models--x/snapshots/<rev>
+        return [real, os.path.join(os.path.dirname(parent), "blobs")]
+    return [real]
+
+
+def read_json(path: str) -> dict:
+    """The JSON object in a (folder_file-checked) file, or a ConvertError naming the file."""
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise ConvertError(f"{path}: {size:,} bytes, more than any such file ({MAX_JSON_BYTES:,}); download it again")
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        value = json_value(data)
+    except ValueError as e:
+        raise ConvertError(f"{path}: {e}; download it again") from None
+    if not isinstance(value, dict):
+        raise ConvertError(f"{path}: {json_kind(value)}, not a JSON object; download it again")
+    return value
+
+
 def read_folder_weights(folder: str) -> dict[str, Tensor]:
     """model.safetensors, or every shard named by model.safetensors.index.json."""
     single, index = (os.path.join(folder, n) for n in ("model.safetensors", "model.safetensors.index.json"))
-    if os.path.exists(single):
-        return read_safetensors(single)
-    if not os.path.exists(index):
+    if os.path.lexists(single):
+        return read_safetensors(folder_file(folder, "model.safetensors"))
+    if not os.path.lexists(index):
         raise ConvertError(f"{folder}: no model.safetensors or model.safetensors.index.json; danlu "
                            "reads safetensors weights only (save the model with safe_serialization=True)")
-    with open(index, encoding="utf-8") as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = read_json(folder_file(folder, "model.safetensors.index.json")).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConvertError(f"{index}: weight_map is {json_kind(weight_map)}, not an object of tensor name -> "
+                           "shard file name; download it again")
+    bad = [v for v in weight_map.values() if not isinstance(v, str)]
+    if bad:
+        raise ConvertError(f"{index}: weight_map names the shard {shown(bad[0])}, not a file name; download it again")
     tensors = {}
-    for shard in shards:
-        tensors.update(read_safetensors(os.path.join(folder, shard)))
+    for shard in sorted(set(weight_map.values())):
+        tensors.update(read_safetensors(folder_file(folder, shard, "model.safetensors.index.json")))
     return tensors
 
 
@@ -108,7 +219,7 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def unsupported(where: str, key: str, value, fix: str) -> ConvertError:
-    return ConvertError(f"{where}: {key} = {value!r} is not supported; {fix}")
+    return ConvertError(f"{where}: {key} = {shown(value)} is not supported; {fix}")
 
 
 def gpt2_from_hf(hf: dict, tensors: dict, where: str) -> tuple[GPTConfig, dict]:
@@ -132,7 +243,8 @@ def gpt2_from_hf(hf: dict, tensors: dict, where: str) -> tuple[GPTConfig, dict]:
         name = key.removeprefix("transformer.")
         if name.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # old saves keep the causal mask as a buffer
-        state[name if name == "lm_head.weight" else "transformer." + name] = t.t() if name.endswith(CONV1D) else t
+        conv1d = name.endswith(CONV1D) and t.dim() == 2  # any other shape is reported by check_state
+        state[name if name == "lm_head.weight" else "transformer." + name] = t.t() if conv1d else t
     if config.tie_embeddings:
         state["lm_head.weight"] = state.get("transformer.wte.weight")
     return config, state
@@ -205,10 +317,20 @@ def llama_from_hf(hf: dict, tensors: dict, where: str) -> tuple[GPTConfig, dict]
         for name, parts in FUSED.items():
             for kind in ("weight", "bias"):
                 found = [t.pop(f"{p}{part}.{kind}") for part in parts if f"{p}{part}.{kind}" in t]
-                if found:
-                    state[f"{q}{name}.{kind}"] = torch.cat(found) if len(found) == len(parts) else None
+                if len(found) == len(parts):
+                    state[f"{q}{name}.{kind}"] = fuse(found, f"{p}{{{','.join(parts)}}}.{kind}", where)
+                elif found:
+                    state[f"{q}{name}.{kind}"] = None
     state.update(t)  # anything left over is reported by check_state
     return config, fill_zero_biases(config, state)
+
+
+def fuse(parts: list[Tensor], name: str, where: str) -> Tensor:
+    """q|k|v or gate|up stacked into danlu's one matrix; their widths must agree to stack."""
+    if parts[0].dim() == 0 or len({p.shape[1:] for p in parts}) > 1:
+        raise ConvertError(f"{where}: the weights' parts of {name} have shapes {[tuple(p.shape) for p in parts]}, "
+                           "which do not stack; config.json and the weights disagree")
+    return torch.cat(parts)
 
 
 def fill_zero_biases(config: GPTConfig, state: dict) -> dict:
@@ -294,8 +416,12 @@ def split_pattern(pre: dict | None, where: str) -> str:
         raise unsupported(where, "pre_tokenizer ByteLevel add_prefix_space", True, "danlu adds no prefix space")
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return GPT2_PATTERN
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("behavior") == "Isolated" and "Regex" in steps[0]["pattern"]:
-        return steps[0]["pattern"]["Regex"]
+    regex = steps[0].get("pattern") if kinds == ["Split", "ByteLevel"] else None
+    if steps and steps[0].get("behavior") == "Isolated" and isinstance(regex, dict) and isinstance(regex.get("Regex"), str):
+        problem = pattern_problem(regex["Regex"])  # a stranger's regex: tiktoken must be able to run it
+        if problem:
+            raise ConvertError(f"{where}: pre_tokenizer Split: {problem}; danlu cannot split text with it")
+        return regex["Regex"]
     if kinds == ["Digits", "ByteLevel"] and steps[1].get("use_regex", True):
         # digits are cut out before GPT-2's regex runs: a digit (or digit run) is its own piece,
         # and whitespace before a digit ends its piece there
@@ -313,16 +439,14 @@ def bpe_meta(tj: dict, where: str) -> dict:
     model = tj.get("model") or {}
     decoder = (tj.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        raise ConvertError(f"{where}: a {model.get('type')} tokenizer with a {decoder} decoder is not a "
-                           "byte-level BPE (SentencePiece-style tables, as in Llama 2 or TinyLlama, are "
-                           "not converted); danlu reads GPT-2, SmolLM2 and Qwen2-family tokenizers")
+        raise not_byte_level_bpe(where, f"a {shown(model.get('type'))} tokenizer with a {shown(decoder)} decoder")
     norm = (tj.get("normalizer") or {}).get("type")
     if norm not in (None, "NFC", "NFD", "NFKC", "NFKD"):
         raise unsupported(where, "normalizer", norm, "danlu applies NFC/NFD/NFKC/NFKD only")
     specials, added = {}, {}
-    for t in tj.get("added_tokens", []):
+    for t in tj.get("added_tokens") or []:
         if not t["special"] and (t.get("lstrip") or t.get("rstrip") or t.get("single_word")):
-            raise unsupported(where, f"added token {t['content']!r} lstrip/rstrip/single_word", True,
+            raise unsupported(where, f"added token {shown(t['content'])} lstrip/rstrip/single_word", True,
                               "danlu matches added tokens as plain strings")
         (specials if t["special"] else added)[t["content"]] = t["id"]
     byte_of = {c: b for b, c in byte_alphabet().items()}
@@ -332,7 +456,7 @@ def bpe_meta(tj: dict, where: str) -> dict:
     for text, i in vocab.items():
         if i not in reserved:
             if any(c not in byte_of for c in text):
-                raise ConvertError(f"{where}: token {text!r} (id {i}) is not byte-level; not a byte-level BPE")
+                raise ConvertError(f"{where}: token {shown(text)} (id {i}) is not byte-level; not a byte-level BPE")
             table[i] = bytes(byte_of[c] for c in text)
     present = set(table)
     missing = [b for b in range(256) if bytes([b]) not in present]
@@ -340,10 +464,10 @@ def bpe_meta(tj: dict, where: str) -> dict:
         raise ConvertError(f"{where}: the vocabulary lacks {len(missing)} of the 256 single bytes "
                            f"(e.g. {bytes(missing[:3])!r}); such text could not be encoded")
     last = -1
-    for m in model.get("merges", []):
+    for m in model.get("merges") or []:
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         if vocab.get(a + b, -1) <= last:
-            raise ConvertError(f"{where}: merge {a!r} + {b!r} makes id {vocab.get(a + b)}, not above "
+            raise ConvertError(f"{where}: merge {shown(a)} + {shown(b)} makes id {vocab.get(a + b)}, not above "
                                f"the previous merge's {last}; this table cannot run as tiktoken ranks")
         last = vocab[a + b]
     tok = BPETokenizer(table, split_pattern(tj.get("pre_tokenizer"), where), specials, norm, added)
@@ -354,7 +478,7 @@ def char_or_vocab_meta(tj: dict, where: str) -> dict | None:
     """The two layouts export.py writes for danlu's char and vocab kinds, read back as those
     kinds (single characters: BPE without merges or pre-tokenizer; words: WordLevel), else None."""
     from tokenizer import CharTokenizer, VocabTokenizer
-    model, specials = tj.get("model") or {}, {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+    model, specials = tj.get("model") or {}, {t["content"]: t["id"] for t in tj.get("added_tokens") or []}
     by_id = sorted(model.get("vocab", {}).items(), key=lambda kv: kv[1])
     if [i for _, i in by_id] != list(range(len(by_id))):
         return None
@@ -362,7 +486,10 @@ def char_or_vocab_meta(tj: dict, where: str) -> dict | None:
             and (tj.get("decoder") or {}).get("type") == "Fuse" and all(len(t) == 1 for t, _ in by_id):
         return CharTokenizer([t for t, _ in by_id], specials).to_meta()
     if model.get("type") == "WordLevel" and (tj.get("pre_tokenizer") or {}).get("type") == "WhitespaceSplit":
-        return VocabTokenizer([t for t, _ in by_id], specials, model.get("unk_token") or None).to_meta()
+        unk = model.get("unk_token") or None
+        if unk is not None and unk not in model["vocab"]:
+            raise ConvertError(f"{where}: model.unk_token {shown(unk)} is not in model.vocab; download it again")
+        return VocabTokenizer([t for t, _ in by_id], specials, unk).to_meta()
     return None
 
 
@@ -374,7 +501,11 @@ def verify_tokenizer(meta: dict, tokenizer_json: str) -> None:
     except ImportError:
         return
     from tokenizer import from_meta
-    want = HFTokenizer.from_file(tokenizer_json).encode(PROBE_TEXT, add_special_tokens=False).ids
+    try:
+        want = HFTokenizer.from_file(tokenizer_json).encode(PROBE_TEXT, add_special_tokens=False).ids
+    except Exception as e:  # the library's own refusal of a file it cannot load
+        raise ConvertError(f"{tokenizer_json}: the tokenizers library cannot load it ({one_line(e)}); "
+                           "download the model's tokenizer.json again") from None
     got = from_meta(meta).encode(PROBE_TEXT)
     if got != want:
         at = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
@@ -401,49 +532,111 @@ def gpt2_meta_if_same(meta: dict) -> dict:
 def named_specials(folder: str, specials: dict) -> dict:
     """bos_token / eos_token of the folder's tokenizer_config.json, when they are special tokens
     (kept in meta.json so that an export writes them back)."""
-    path = os.path.join(folder, "tokenizer_config.json")
-    if not os.path.exists(path):
+    if not os.path.lexists(os.path.join(folder, "tokenizer_config.json")):
         return {}
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = read_json(folder_file(folder, "tokenizer_config.json"))
     out = {}
     for key in ("bos_token", "eos_token"):
         value = config.get(key)
         value = value.get("content") if isinstance(value, dict) else value
-        if value in specials:
+        if isinstance(value, str) and value in specials:
             out[key] = value
     return out
 
 
+# the files a tokenizer may come in, for saying what a folder holds instead of tokenizer.json
+OTHER_TOKENIZERS = ("tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.txt", "vocab.json",
+                    "merges.txt", "tokenizer_config.json")
+
+
 def folder_tokenizer(folder: str, hf: dict) -> dict:
     """The tokenizer meta of a Hugging Face folder: tokenizer.json, else GPT-2's vocab.json +
-    merges.txt, else (a GPT-2 folder holding weights only) tiktoken's gpt2."""
+    merges.txt, else (a GPT-2 folder holding weights only, with GPT-2's 50,257 ids) tiktoken's
+    gpt2. Any other folder is an error: no other tokenizer is ever used in its place."""
     path = os.path.join(folder, "tokenizer.json")
     vocab, merges = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            tj = json.load(f)
+    hf = hf if isinstance(hf, dict) else {}
+    if os.path.lexists(path):
+        tj = read_json(folder_file(folder, "tokenizer.json"))
+        check_tokenizer_json(tj, path)
         meta = char_or_vocab_meta(tj, path)
         if meta is not None:
             return meta
         meta = bpe_meta(tj, path)
         verify_tokenizer(meta, path)
         meta.update(named_specials(folder, meta["special_tokens"]))
-    elif os.path.exists(vocab) and os.path.exists(merges):
-        with open(vocab, encoding="utf-8") as f:
-            table = json.load(f)
-        with open(merges, encoding="utf-8") as f:
-            pairs = [line.rstrip("\n") for line in f if line.strip() and not line.startswith("#version")]
-        eot = {"<|endoftext|>": table["<|endoftext|>"]} if "<|endoftext|>" in table else {}
-        tj = {"model": {"type": "BPE", "vocab": table, "merges": pairs}, "decoder": {"type": "ByteLevel"},
-              "pre_tokenizer": {"type": "ByteLevel"},
-              "added_tokens": [{"content": k, "id": v, "special": True} for k, v in eot.items()]}
+    elif os.path.lexists(vocab) and os.path.lexists(merges):
+        tj = vocab_merges_json(folder)
+        check_tokenizer_json(tj, vocab)
         meta = bpe_meta(tj, vocab)
-    elif hf.get("model_type") == "gpt2":
+    elif hf.get("model_type") == "gpt2" and hf.get("vocab_size") == 50257:
         return TiktokenTokenizer("gpt2").to_meta()
     else:
-        raise ConvertError(f"{folder}: no tokenizer.json; copy the model's tokenizer.json into it")
+        found = [n for n in OTHER_TOKENIZERS if os.path.lexists(os.path.join(folder, n))]
+        raise ConvertError(f"{folder}: no tokenizer.json (found {', '.join(found) or 'no tokenizer file'}); danlu "
+                           "reads a byte-level BPE tokenizer.json (or GPT-2's vocab.json + merges.txt): copy the "
+                           "model's tokenizer.json into the folder")
     return gpt2_meta_if_same(meta)
+
+
+def vocab_merges_json(folder: str) -> dict:
+    """GPT-2's older vocab.json + merges.txt, as the tokenizer.json they amount to."""
+    table = read_json(folder_file(folder, "vocab.json"))
+    path = folder_file(folder, "merges.txt")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read(MAX_JSON_BYTES + 1).decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path}: not UTF-8 text (byte {e.start}); download it again") from None
+    pairs = [line for line in lines if line.strip() and not line.startswith("#version")]
+    eot = {"<|endoftext|>": table["<|endoftext|>"]} if "<|endoftext|>" in table else {}
+    return {"model": {"type": "BPE", "vocab": table, "merges": pairs}, "decoder": {"type": "ByteLevel"},
+            "pre_tokenizer": {"type": "ByteLevel"},
+            "added_tokens": [{"content": k, "id": v, "special": True} for k, v in eot.items()]}
+
+
+def check_tokenizer_json(tj: dict, where: str) -> None:
+    """The parts of tokenizer.json danlu reads have their JSON kinds, and its ids stay near its
+    entry count (the table danlu builds has one slot per id), so a hostile file fails here,
+    naming the field; a model that is not BPE is named with what danlu reads instead."""
+    def need(ok: bool, field: str, wanted: str):
+        if not ok:
+            raise ConvertError(f"{where}: {field} is not {wanted}; download the model's tokenizer.json again")
+
+    model = tj.get("model")
+    need(isinstance(model, dict) and isinstance(model.get("type"), str), "model", "an object with a type")
+    if model["type"] not in ("BPE", "WordLevel"):
+        raise not_byte_level_bpe(where, f"a {shown(model['type'])} model")
+    vocab, merges, added = model.get("vocab"), model.get("merges") or [], tj.get("added_tokens") or []
+    need(isinstance(vocab, dict) and all(type(i) is int and i >= 0 for i in vocab.values()),
+         "model.vocab", "an object of token -> id (a whole number from 0)")
+    need(isinstance(merges, list) and all(is_merge(m) for m in merges), "model.merges",
+         'a list of merges ("a b" or ["a", "b"])')
+    need(model.get("unk_token") is None or isinstance(model["unk_token"], str), "model.unk_token", "a string")
+    need(isinstance(added, list) and all(isinstance(t, dict) and isinstance(t.get("content"), str)
+                                         and type(t.get("id")) is int and t["id"] >= 0
+                                         and isinstance(t.get("special"), bool) for t in added),
+         "added_tokens", "a list of {content, id, special} objects")
+    for part in ("normalizer", "pre_tokenizer", "decoder"):
+        need(tj.get(part) is None or isinstance(tj[part], dict), part, "an object")
+    steps = (tj.get("pre_tokenizer") or {}).get("pretokenizers", [])
+    need(isinstance(steps, list) and all(isinstance(x, dict) for x in steps), "pre_tokenizer.pretokenizers",
+         "a list of objects")
+    entries = len(vocab) + len(added)
+    top = max([*vocab.values(), *(t["id"] for t in added)], default=0)
+    need(top < 2 * entries + 256, f"id {top:,}", f"near its {entries:,} entries (holes are allowed, "
+         "but every id takes a slot in danlu's table)")
+
+
+def is_merge(m) -> bool:
+    if isinstance(m, str):
+        return " " in m
+    return isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)
+
+
+def not_byte_level_bpe(where: str, found: str) -> ConvertError:
+    return ConvertError(f"{where}: {found} is not a byte-level BPE (SentencePiece-style tables, as in Llama 2 or "
+                        "TinyLlama, are not converted); danlu reads GPT-2, SmolLM2 and Qwen2-family tokenizers")
 
 
 def check_fits_uint16(meta: dict, source: str) -> None:
@@ -587,68 +780,95 @@ def is_hf_folder(path: str) -> bool:
         os.path.exists(os.path.join(path, n)) for n in ("model.safetensors", "model.safetensors.index.json"))
 
 
-def is_run(path: str) -> bool:
-    return os.path.isfile(path) or any(os.path.exists(os.path.join(path, n)) for n in ("ckpt.pt", "best.pt"))
+# config.json fields danlu reads, and their JSON kinds; the first dict's must be present (the
+# others may be absent or null, meaning the Hugging Face default). A size is a whole number from
+# 1 to the count of numbers in the weights, a layer count from 1 to the layers the weights hold:
+# a hostile value is refused before any model, even an empty one, is built.
+GPT2_FIELDS = ({"n_layer": "layers", "n_embd": "size", "n_head": "size", "n_positions": "size", "vocab_size": "size"},
+               {"n_inner": "size", "layer_norm_epsilon": "number", "activation_function": "text",
+                "tie_word_embeddings": "bool"})
+LLAMA_FIELDS = ({"num_hidden_layers": "layers", "hidden_size": "size", "num_attention_heads": "size",
+                 "intermediate_size": "size", "max_position_embeddings": "size", "vocab_size": "size"},
+                {"num_key_value_heads": "size", "head_dim": "size", "rms_norm_eps": "number", "rope_theta": "number",
+                 "rope_parameters": "object", "rope_parameters.rope_theta": "number", "rope_scaling": "object",
+                 "hidden_act": "text", "attention_bias": "bool", "mlp_bias": "bool", "use_sliding_window": "bool",
+                 "tie_word_embeddings": "bool"})
+FIELD_KINDS = {"size": (lambda v: type(v) is int, "a whole number"),
+               "layers": (lambda v: type(v) is int, "a whole number"),
+               "number": (lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0, "a positive number"),
+               "text": (lambda v: type(v) is str, "a string"),
+               "bool": (lambda v: type(v) is bool, "true or false"),
+               "object": (lambda v: type(v) is dict, "an object")}
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers)\.(\d{1,9})\.")  # transformer.h.3. / model.layers.3.
+
+
+def check_config(hf: dict, fields: tuple, tensors: dict, path: str) -> None:
+    """Every field of config.json that danlu reads has its JSON kind and a size the weights
+    bound; else a ConvertError naming the field."""
+    required, optional = fields
+    limits = {"size": (sum(t.numel() for t in tensors.values()), "numbers"),
+              "layers": (len({m.group(1) for k in tensors if (m := LAYER_INDEX.search(k))}), "layers")}
+    for key, kind in {**required, **optional}.items():
+        value = config_field(hf, key)
+        if value is None and key not in required:
+            continue
+        if value is None and key not in hf:
+            raise ConvertError(f"{path}: {key} is missing; download the model's config.json again")
+        ok, wanted = FIELD_KINDS[kind]
+        if not ok(value):
+            raise ConvertError(f"{path}: {key} = {shown(value)} is not {wanted}; fix config.json or download it again")
+        limit, unit = limits.get(kind, (None, ""))
+        if limit is not None and not 1 <= value <= limit:
+            raise ConvertError(f"{path}: {key} = {value:,} is outside 1..{limit:,} (the weights hold {limit:,} "
+                               f"{unit}); config.json does not describe these weights")
+
+
+def config_field(hf: dict, key: str):
+    """hf[key]; a dotted key walks into objects (None where one is missing)."""
+    for part in key.split("."):
+        hf = hf.get(part) if isinstance(hf, dict) else None
+    return hf
+
+
+def check_rope_size(config: GPTConfig, tensors: dict, path: str) -> None:
+    """The rope tables (block_size x head size numbers) are the one thing a model allocates
+    that the weights do not bound: no larger than the weights themselves."""
+    numbers = sum(t.numel() for t in tensors.values())
+    if config.pos_emb == "rope" and config.block_size * (config.n_embd // config.n_head) > numbers:
+        raise ConvertError(f"{path}: max_position_embeddings = {config.block_size:,} needs rope tables larger "
+                           f"than the weights ({numbers:,} numbers); lower it to the context you will use")
 
 
 def hf_checkpoint(folder: str, source: str) -> dict:
-    path = os.path.join(folder, "config.json")
-    with open(path, encoding="utf-8") as f:
-        hf = json.load(f)
-    arch = (hf.get("architectures") or [""])[0]
-    kind = hf.get("model_type")
+    path = folder_file(folder, "config.json")
+    hf = read_json(path)
+    arch, kind = hf.get("architectures"), hf.get("model_type")
+    arch = arch[0] if isinstance(arch, list) and arch and isinstance(arch[0], str) else ""
     if kind == "gpt2":
-        convert_fn = gpt2_from_hf
+        convert_fn, fields = gpt2_from_hf, GPT2_FIELDS
     elif kind in ("llama", "qwen2") or arch in ("LlamaForCausalLM", "Qwen2ForCausalLM"):
-        convert_fn = llama_from_hf
+        convert_fn, fields = llama_from_hf, LLAMA_FIELDS
     else:
-        raise ConvertError(f"{path}: model_type {kind!r} ({arch}) is not one danlu imports; it reads "
+        raise ConvertError(f"{path}: model_type {shown(kind)} ({shown(arch)}) is not one danlu imports; it reads "
                            "GPT2LMHeadModel, LlamaForCausalLM and Qwen2ForCausalLM")
-    config, state = convert_fn(hf, read_folder_weights(folder), path)
+    tensors = read_folder_weights(folder)
+    if not tensors:
+        raise ConvertError(f"{folder}: its weights hold no tensors; download the model again")
+    check_config(hf, fields, tensors, path)
+    try:
+        config, state = convert_fn(hf, tensors, path)
+    except ConfigError as e:  # sizes that do not fit together (heads that do not divide the width)
+        raise ConvertError(f"{path}: {e}; config.json does not describe a model danlu can build") from None
+    check_rope_size(config, tensors, path)
     check_state(config, state, folder)
     meta = folder_tokenizer(folder, hf)
+    if meta["vocab_size"] > config.vocab_size:
+        raise ConvertError(f"{folder}: its tokenizer has {meta['vocab_size']:,} ids but config.json's vocab_size "
+                           f"is {config.vocab_size:,}; the ids past it have no embedding (a tokenizer of another model?)")
     meta["source"] = {"converted_from": source, "architecture": arch or kind}
     return {"model": state, "model_config": dataclasses.asdict(config), "tokenizer": meta,
             "train_config": {"init_from": source}, "iter_num": 0}
 
-
-def pretrained_checkpoint(source: str) -> dict:
-    """A checkpoint-shaped dict (model, model_config, tokenizer, train_config, iter_num) from a
-    gpt2 name, a Hugging Face folder or a danlu run folder / .pt file."""
-    if source in GPT2_NAMES:
-        return hf_checkpoint(download_gpt2(source), source)
-    if is_run(source):
-        return load_checkpoint(weights_path(source))
-    if is_hf_folder(source):
-        return hf_checkpoint(source, source)
-    missing = "" if os.path.exists(source) else " does not exist"
-    raise ConvertError(f"{source}{missing}: not a GPT-2 name ({', '.join(GPT2_NAMES)}), a Hugging Face folder "
-                       "(config.json + model.safetensors) or a danlu run folder (ckpt.pt)")
-
-
-def tokenizer_meta(source: str) -> dict:
-    """The tokenizer meta of a source, without reading its weights (prepare/text.py
-    --tokenizer=HF_FOLDER: data for continued pretraining of an imported model)."""
-    if source in GPT2_NAMES:
-        source = download_gpt2(source)
-    if is_run(source):
-        return load_checkpoint(weights_path(source))["tokenizer"]
-    if not os.path.isdir(source):
-        raise ConvertError(f"{source}: not a GPT-2 name, a Hugging Face folder or a danlu run folder")
-    hf = {}
-    if os.path.exists(os.path.join(source, "config.json")):
-        with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
-            hf = json.load(f)
-    return folder_tokenizer(source, hf)
-
-
-def load_pretrained(source: str) -> tuple[GPTConfig, dict, dict]:
-    """(GPTConfig, state dict, tokenizer meta) of a gpt2 name, HF folder or danlu run."""
-    ckpt = pretrained_checkpoint(source)
-    return gpt_config(ckpt["model_config"]), ckpt["model"], ckpt["tokenizer"]
-
-
-# ----------------------------------------------------------------------------- writing a folder
 
 def hf_architecture(config: GPTConfig, where: str) -> str:
     """The Hugging Face class that computes exactly what config does: GPT2LMHeadModel for the

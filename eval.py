@@ -25,9 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import atomic_write
-from common import ConfigError, cli, load_config, setup_runtime
-from model import check_settings, setting
+from checkpoint import grow_vocab
+from classify import class_names, evaluate, loader_batches, report
+from data import Examples, dataset_dir, is_example_dataset
+from engine import load_for_inference, reply
+from files import atomic_write, claim_file
+from settings import ConfigError, check_settings, cli, load_config, setting
+from tokenizer import END_OF_TURN, ROLE_TOKENS, from_meta, load_meta, render_conversation, same_base
 
 
 @dataclass
@@ -42,9 +46,11 @@ class EvalConfig:
     max_examples: int = setting(200, lo=1)  # replies generated at most
     max_new_tokens: int = setting(256, lo=1)
     score: str = ""  # score this generations JSONL without a model
-    out: str = ""  # where --score / --compare / --plot write (default beside the input)
+    out: str = ""  # where --score / --compare / --plot write (--score: beside its input; --compare: only when given)
+    overwrite: bool = False  # replace an existing --out file
     device: str = "auto"
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    threads: int = setting(0, lo=0)  # CPU threads; 0: the cores not busy with other work
 
     def __post_init__(self):
         check_settings(self)
@@ -102,7 +108,6 @@ def lm_metrics(model, batches, lengths: torch.Tensor, run, max_batches: int = 0)
 
 
 def dataset_metrics(model, tok, ckpt: dict, cfg: EvalConfig, run) -> dict:
-    from data import Examples, dataset_dir, is_example_dataset
     name = cfg.dataset or ckpt["train_config"].get("dataset", "")
     data_dir = dataset_dir(name)
     T, V = model.config.block_size, model.config.vocab_size
@@ -119,8 +124,6 @@ def dataset_metrics(model, tok, ckpt: dict, cfg: EvalConfig, run) -> dict:
 
 def classifier_metrics(model, ckpt: dict, cfg: EvalConfig, run, out_dir: str) -> dict:
     """sample.py --classify's report, plus confusion.png in the run folder."""
-    from classify import class_names, evaluate, loader_batches, report
-    from data import Examples, dataset_dir
     meta = ckpt["tokenizer"]
     data_dir = dataset_dir(cfg.dataset or ckpt["train_config"]["dataset"])
     loader = Examples(data_dir, cfg.split, model.config.block_size, cfg.batch_size,
@@ -194,8 +197,6 @@ def score_records(records: list[dict]) -> dict:
 def val_conversations(ckpt: dict, cfg: EvalConfig, tok) -> list[dict]:
     """(prompt ids, prompt text, reference) of each val conversation of the run's SFT dataset:
     everything up to the last assistant start is the prompt, that reply is the reference."""
-    from data import dataset_dir
-    from tokenizer import END_OF_TURN, ROLE_TOKENS
     data_dir = dataset_dir(cfg.dataset or ckpt["train_config"]["dataset"])
     data = np.memmap(os.path.join(data_dir, f"{cfg.split}.bin"), dtype=np.uint16, mode="r")
     starts = np.fromfile(os.path.join(data_dir, f"{cfg.split}.idx"), dtype=np.uint64).astype(np.int64)
@@ -212,37 +213,24 @@ def val_conversations(ckpt: dict, cfg: EvalConfig, tok) -> list[dict]:
 
 
 def jsonl_prompts(path: str, tok, limit: int) -> list[dict]:
-    from tokenizer import render_conversation
     items = []
-    for r in read_jsonl(path, ("prompt", "reference"))[:limit]:
+    for r in read_records(path, ("prompt", "reference"))[:limit]:
         ids, _ = render_conversation(tok, [{"role": "user", "content": r["prompt"]}], add_generation_prompt=True)
         items.append({"ids": ids, **r})
     return items
 
 
 def generate_replies(model, tok, items: list[dict], cfg: EvalConfig, run) -> list[dict]:
-    """Greedy replies, cut at the end-of-turn token; the prompt keeps its last tokens if long."""
-    from sample import utf8_constraint
-    from tokenizer import END_OF_TURN
+    """Greedy replies (engine.reply: as chat and serve decode them), cut at the end of the turn."""
     from tqdm import tqdm
-    end = tok.token_id(END_OF_TURN)
-    block = model.config.block_size
-    utf8 = utf8_constraint(tok, model.config.vocab_size, run.device)  # the replies chat would give
-    records = []
-    for item in tqdm(items, desc="replies", disable=not sys.stderr.isatty()):
-        budget = min(cfg.max_new_tokens, block // 2)
-        ids = item["ids"][-(block - budget):]
-        x = torch.tensor([ids], dtype=torch.long, device=run.device)
-        with run.autocast:
-            out = model.generate(x, budget, temperature=0.0, stop_tokens=(end,), constraint=utf8)[0, len(ids):].tolist()
-        out = out[:out.index(end)] if end in out else out
-        records.append({"prompt": item["prompt"], "reference": item["reference"], "reply": tok.decode(out)})
-    return records
+    return [{"prompt": item["prompt"], "reference": item["reference"],
+             "reply": reply(model, tok, item["ids"], cfg.max_new_tokens, run)}
+            for item in tqdm(items, desc="replies", disable=not sys.stderr.isatty())]
 
 
 # ----------------------------------------------------------------------------- runs side by side
 
-def read_jsonl(path: str, keys=("reference", "reply")) -> list[dict]:
+def read_records(path: str, keys=("reference", "reply")) -> list[dict]:
     """The records of a JSONL file as {key: text} for keys (and "prompt", "" when absent); a
     line that is not such an object is an error naming file:line."""
     records = []
@@ -284,9 +272,10 @@ def compare(runs: list[str], cfg: EvalConfig) -> dict:
             result = json.load(f)
         rows[run_dir] = {k: v for k, v in result.items() if k != "run"}
     print(markdown_table(rows))
-    out = cfg.out or "compare.json"
-    write_json(out, rows)
-    print(f"wrote {out}")
+    if cfg.out:  # a file only when asked for: the table above is the answer
+        claim_file(cfg.out, cfg.overwrite, inputs=tuple(os.path.join(r, "eval.json") for r in runs))
+        write_json(cfg.out, rows)
+        print(f"wrote {cfg.out}")
     return rows
 
 
@@ -311,6 +300,7 @@ def plot(runs: list[str], cfg: EvalConfig) -> str:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = cfg.out or "curves.png"
+    claim_file(out, cfg.overwrite)
     with atomic_write(out) as f:
         fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
@@ -321,19 +311,16 @@ def plot(runs: list[str], cfg: EvalConfig) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 def evaluate_run(cfg: EvalConfig) -> dict:
-    from checkpoint import load_model
-    from tokenizer import from_meta
     if not cfg.out_dir:
         raise ConfigError("give the run to evaluate: --out_dir=weight/<run>", "out_dir")
-    run = setup_runtime(cfg.device, cfg.dtype)
-    model, ckpt = load_model(cfg.out_dir, run.device)
-    tok = from_meta(ckpt["tokenizer"])
+    model, tok, ckpt, run = load_for_inference(cfg.out_dir, cfg.device, cfg.dtype, threads=cfg.threads)
     if cfg.dataset:  # a base model scored on its SFT data: read the chat tokens the data appended
-        from data import dataset_dir
-        from model import grow_vocab
-        from tokenizer import load_meta, same_base
         meta = load_meta(dataset_dir(cfg.dataset))
-        if same_base(ckpt["tokenizer"], meta) and meta["vocab_size"] > tok.vocab_size:
+        if not same_base(ckpt["tokenizer"], meta):
+            raise ConfigError(f"--dataset={cfg.dataset} was not tokenized with {cfg.out_dir}'s tokenizer: its "
+                              "scores would mean nothing (nothing was written); prepare it with the model's "
+                              "tokenizer", "dataset")
+        if meta["vocab_size"] > tok.vocab_size:
             new_ids = range(tok.vocab_size, meta["vocab_size"])
             if meta["vocab_size"] > model.config.vocab_size:
                 # the chat tokens are new to this model: score it as sft.py starts from it, their
@@ -377,8 +364,9 @@ def main(argv=None):
         return compare(runs, cfg) if mode == "--compare" else plot(runs, cfg)
     cfg = load_config(EvalConfig, argv)
     if cfg.score:
-        metrics = score_records(read_jsonl(cfg.score))
+        metrics = score_records(read_records(cfg.score))
         out = cfg.out or os.path.splitext(cfg.score)[0] + ".metrics.json"
+        claim_file(out, cfg.overwrite or not cfg.out, inputs=(cfg.score,))  # its own default may be redone
         write_json(out, metrics)
         print(json.dumps(metrics, indent=1))
         print(f"wrote {out}")

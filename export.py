@@ -26,10 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from common import ConfigError, cli, load_config
-from checkpoint import gpt_config, plain_checkpoint, save_checkpoint
+from checkpoint import plain_checkpoint, save_checkpoint
 from convert import ConvertError, hf_architecture, save_hf
-from model import GPT, check_settings, setting
+from files import claim_folder, record_folder
+from model import GPT, gpt_config
+from settings import ConfigError, check_settings, cli, load_config, setting
 from tokenizer import from_meta
 
 
@@ -40,6 +41,7 @@ class ExportConfig:
     dest: str = ""  # the folder to write into (created when missing)
     onnx_atol: float = setting(1e-4, above=0.0)  # largest |onnxruntime - PyTorch| logit accepted
     merge: bool = False  # write a plain danlu run (LoRA adapters folded in) instead of --format
+    overwrite: bool = False  # write into a --dest that holds other files (what export writes is replaced)
 
     def __post_init__(self):
         check_settings(self)
@@ -173,8 +175,6 @@ def write_merged(cfg: ExportConfig, ckpt: dict, t0: float) -> dict:
     if "merged_from" not in ckpt:
         raise ConfigError(f"--merge: {cfg.out_dir} is not a LoRA run (it has no adapters to fold in); "
                           "export it with --format=hf|onnx", "merge")
-    if os.path.abspath(cfg.dest) == os.path.abspath(cfg.out_dir):
-        raise ConfigError(f"--dest={cfg.dest} is the LoRA run itself; give a new folder (weight/<merged_run>)", "dest")
     keep = ("model", "model_config", "train_config", "tokenizer", "iter_num", "best_val_loss", "merged_from")
     path = os.path.join(cfg.dest, "ckpt.pt")
     save_checkpoint(path, {k: ckpt[k] for k in keep if k in ckpt})
@@ -194,8 +194,12 @@ def main(argv=None) -> dict:
     ckpt = plain_checkpoint(cfg.out_dir)  # a LoRA run: its base with the adapters merged
     from_meta(ckpt["tokenizer"])  # a tokenizer that does not load is an error before writing
     config = gpt_config(ckpt["model_config"])
+    command = "export.py --merge" if cfg.merge else f"export.py --format={cfg.format}"
+    claim_folder(cfg.dest, command, cfg.overwrite)  # before anything is written
     if cfg.merge:
-        return write_merged(cfg, ckpt, t0)
+        written = write_merged(cfg, ckpt, t0)
+        record_folder(cfg.dest, command)
+        return written
     if cfg.format == "hf" and config.n_expert:
         raise ConvertError(f"{cfg.out_dir}: n_expert = {config.n_expert} (a mixture of experts) has no "
                            "Hugging Face class danlu exports to; use --format=onnx, or sample it with sample.py")
@@ -204,12 +208,14 @@ def main(argv=None) -> dict:
         model = GPT(dataclasses.replace(config, dropout=0.0))
         model.load_state_dict(ckpt["model"])
         path, worst = export_onnx(model.eval(), cfg.dest, cfg.onnx_atol)
+        record_folder(cfg.dest, command)
         print(f"wrote {path} ({time.perf_counter() - t0:.1f}s); onnxruntime matches PyTorch within {worst:.1e}")
         return {"path": path, "max_abs_diff": worst}
     n_params = sum(t.numel() for k, t in ckpt["model"].items()
                    if not (k == "lm_head.weight" and config.tie_embeddings))
     card = model_card(cfg, ckpt, hf_architecture(config, cfg.out_dir), n_params)
     written = save_hf(config, ckpt["model"], ckpt["tokenizer"], cfg.dest, card, where=cfg.out_dir)
+    record_folder(cfg.dest, command)
     print(f"wrote {cfg.dest} ({written}, {time.perf_counter() - t0:.1f}s): config.json, model.safetensors, "
           "generation_config.json, tokenizer.json, tokenizer_config.json, README.md")
     return {"path": cfg.dest, "architecture": written}

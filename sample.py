@@ -8,6 +8,7 @@ Use a trained checkpoint: continue text, chat, or classify. Needs nothing but we
     python sample.py --out_dir=weight/tiny_cls --classify [--split=val | --jsonl=FILE]
     python sample.py --out_dir=weight/tiny_cls --classify --image=PATH_OR_FOLDER
 """
+import csv
 import json
 import os
 import sys
@@ -16,10 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common import ConfigError, atomic_write, cli, load_config, load_model, setup_runtime
-from model import check_settings, setting
-from tokenizer import (END_OF_TURN, ROLE_TOKENS, StreamDecoder, fit_conversation, from_meta,
-                       render_conversation)
+from classify import class_names, class_probs, class_token_ids, evaluate, loader_batches, report
+from data import Examples, dataset_dir, dataset_path
+from engine import decode_stream, fit_history, load_for_inference
+from files import atomic_write
+from images import ImageError, image_codebook, image_files, image_ids, image_pixels, read_image, read_token_examples
+from settings import ConfigError, check_settings, cli, load_config, setting
+from tokenizer import END_OF_TURN, ROLE_TOKENS
 
 
 @dataclass
@@ -34,8 +38,10 @@ class SampleConfig:
     seed: int = 1337
     block_size: int = setting(0, lo=0)  # 0: the checkpoint's; smaller limits the context
     use_cache: bool = True
+    utf8_constraint: bool = True  # byte-level tokenizers never write a broken character; False: plain sampling
     device: str = "auto"
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))
+    threads: int = setting(0, lo=0)  # CPU threads; 0: the cores not busy with other work
     # chat
     chat: bool = False
     system: str = ""
@@ -53,15 +59,7 @@ class SampleConfig:
 
 def load(cfg: SampleConfig):
     """(model, tokenizer, checkpoint, runtime) for cfg.out_dir."""
-    run = setup_runtime(cfg.device, cfg.dtype)
-    model, ckpt = load_model(cfg.out_dir, run.device)
-    trained = model.config.block_size
-    if cfg.block_size > trained:
-        raise ConfigError(f"block_size = {cfg.block_size} is larger than the {trained} positions "
-                          f"the checkpoint was trained with; use --block_size={trained} or less")
-    if cfg.block_size:
-        model.config.block_size = cfg.block_size
-    return model, from_meta(ckpt["tokenizer"]), ckpt, run
+    return load_for_inference(cfg.out_dir, cfg.device, cfg.dtype, cfg.block_size, cfg.threads)
 
 
 def encode_prompt(cfg: SampleConfig, tok, block_size: int) -> list[int]:
@@ -82,46 +80,12 @@ def encode_prompt(cfg: SampleConfig, tok, block_size: int) -> list[int]:
     return ids
 
 
-def utf8_constraint(tok, vocab_size: int, device) -> torch.Tensor | None:
-    """The tokenizer's UTF-8 automaton over the model's vocab_size ids (the padding ids past the
-    tokenizer's are never written), or None for tokenizers of whole characters."""
-    after = tok.utf8_automaton
-    if after is None:
-        return None
-    table = torch.full((after.shape[0], vocab_size), -1, dtype=torch.int8)
-    table[:, :after.shape[1]] = torch.from_numpy(after[:, :vocab_size])
-    return table.to(device)
-
-
-def decode_stream(model, tok, ids: list[int], run, generator, max_new_tokens: int, temperature: float,
-                  top_k: int, top_p: float, stop_tokens=(), use_cache: bool = True):
-    """Generate after ids, one token at a time: yield (token id, the text it completes; "" while
-    a multi-byte character is still partial). A stop token is yielded with "" and ends the
-    stream; the last item is (None, whatever the decoder still held). sample.py prints these
-    pieces, serve.py streams them."""
-    x = torch.tensor([ids], dtype=torch.long, device=run.device)
-    decoder = StreamDecoder(tok)
-    tokens = model.generate_stream(x, max_new_tokens, temperature, top_k or None, top_p, stop_tokens,
-                                   use_cache, generator, utf8_constraint(tok, model.config.vocab_size, run.device))
-    while True:
-        with run.autocast:
-            t = next(tokens, None)
-        if t is None:
-            break
-        t = int(t[0])
-        if t in stop_tokens:
-            yield t, ""
-            break
-        yield t, decoder.feed(t)
-    yield None, decoder.flush()
-
-
 def stream(model, tok, ids: list[int], cfg: SampleConfig, run, generator, stop_tokens=(), out=sys.stdout):
     """Generate after ids, writing text to out as it is made; return the new token ids
     (without a final stop token)."""
     new = []
     for t, text in decode_stream(model, tok, ids, run, generator, cfg.max_new_tokens, cfg.temperature,
-                                 cfg.top_k, cfg.top_p, stop_tokens, cfg.use_cache):
+                                 cfg.top_k, cfg.top_p, stop_tokens, cfg.use_cache, cfg.utf8_constraint):
         if t is not None and t not in stop_tokens:
             new.append(t)
         out.write(text)
@@ -142,22 +106,6 @@ def sample_text(cfg: SampleConfig) -> None:
 # ----------------------------------------------------------------------------- chat
 
 CHAT_HELP = "/reset clears the conversation, /exit (or Ctrl-D) leaves, Ctrl-C stops a reply"
-
-
-def fit_history(tok, system: list[dict], history: list[dict], budget: int) -> tuple[list[dict], list[int]]:
-    """(history kept, prompt ids of at most budget tokens) for system + history + a generation
-    prompt. Whole exchanges go oldest first, as prepare/sft.py cuts training data. When even the
-    newest user turn does not fit, the system turn goes too and the turn keeps its last tokens."""
-    fitted = fit_conversation(tok, system + history, budget, add_generation_prompt=True)
-    if fitted is not None:
-        return fitted[0][len(system):], fitted[1]
-    turn = history[-1]
-    ids = render_conversation(tok, [turn], add_generation_prompt=True)[0]  # <|user|> ... <|end|> <|assistant|>
-    if len(ids) <= budget:
-        print("(the system prompt does not fit beside this message: left out for this turn)", file=sys.stderr)
-        return [turn], ids
-    print(f"(your message is {len(ids) - 3} tokens; the model reads its last {budget - 3})", file=sys.stderr)
-    return [turn], ids[:1] + ids[len(ids) - budget + 1:]
 
 
 class OneLine:
@@ -234,7 +182,6 @@ def run_folder(out_dir: str) -> str:
 
 
 def classify(cfg: SampleConfig) -> dict:
-    from classify import class_names, evaluate, report
     model, tok, ckpt, run = load(cfg)
     meta = ckpt["tokenizer"]
     if meta.get("task") != "classify":
@@ -243,12 +190,9 @@ def classify(cfg: SampleConfig) -> dict:
     if cfg.image:
         return classify_images(cfg, model, tok, ckpt, run)
     if cfg.jsonl:
-        from prepare.tiny_cls import read_jsonl
-        seqs, labels = read_jsonl(cfg.jsonl, tok, max_length=model.config.block_size + 1)
+        seqs, labels = read_token_examples(cfg.jsonl, tok, max_length=model.config.block_size + 1)
         batches, source = _jsonl_batches(seqs, labels, meta, cfg.batch_size, run.device), cfg.jsonl
     else:
-        from classify import loader_batches
-        from data import Examples, dataset_dir
         data_dir = dataset_dir(ckpt["train_config"]["dataset"])
         loader = Examples(data_dir, cfg.split, model.config.block_size, cfg.batch_size,
                           model.config.vocab_size, shuffle=False)
@@ -295,11 +239,6 @@ def classify_images(cfg: SampleConfig, model, tok, ckpt, run) -> list[dict]:
     """Classify one image file, or every image under a folder: one line each (path, class,
     probability); for a folder, also <run>/cls_images.csv. An image inside a folder named
     after a class is scored against it, and the accuracy printed."""
-    import csv
-    from classify import class_names, class_probs, class_token_ids, image_ids
-    from data import dataset_path
-    from prepare.codebook import ImageError, image_codebook, image_pixels, read_image
-    from prepare.tiny_cls import image_files
     meta = ckpt["tokenizer"]
     dataset = ckpt.get("train_config", {}).get("dataset", "")
     try:

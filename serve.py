@@ -16,12 +16,14 @@ import base64
 import binascii
 import collections
 import hmac
+import ipaddress
 import json
 import os
 import queue
 import resource
 import secrets
 import socket
+import struct
 import sys
 import threading
 import time
@@ -32,9 +34,12 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from classify import class_names
-from common import ConfigError, cli, load_config
-from model import check_settings, setting
+from classify import class_names, class_probs, class_token_ids
+from data import dataset_path
+from engine import StopStrings, decode_stream, fit_history, load_for_inference
+from images import ImageError, image_codebook, image_ids as encode_image, image_pixels, read_image
+from images import token_ids as wrap_tokens
+from settings import ConfigError, check_settings, cli, load_config, setting
 from tokenizer import CHAT_TOKENS
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
@@ -52,6 +57,7 @@ class ServeConfig:
     max_messages: int = setting(64, lo=1)
     max_request_bytes: int = setting(1_000_000, lo=1024)
     max_in_flight: int = setting(32, lo=1)  # requests generating or waiting; more get 429
+    allowed_hosts: str = ""  # names the page and API may be reached by besides localhost (comma-separated; *: any)
 
     def __post_init__(self):
         check_settings(self)
@@ -96,15 +102,18 @@ def model_kind(meta: dict) -> str:
 
 def load_served(out_dirs: list[str], cfg: ServeConfig) -> dict[str, Served]:
     """{name: Served}; a model is named by its folder (the whole path when two folders share it)."""
-    from sample import SampleConfig, load
+    real = [os.path.realpath(d) for d in out_dirs]
+    for i, out_dir in enumerate(out_dirs):  # before anything loads: a typo should not cost a minute
+        if real[i] in real[:i]:
+            raise ConfigError(f"--out_dir={out_dir} is given twice", "out_dir")
     served = {}
     for out_dir in out_dirs:
-        model, tok, ckpt, run = load(SampleConfig(out_dir=out_dir, device=cfg.device, dtype=cfg.dtype))
+        model, tok, ckpt, run = load_for_inference(out_dir, cfg.device, cfg.dtype)
         name = os.path.basename(os.path.normpath(out_dir))
         if name in served:
             name = out_dir
         if name in served:
-            raise ConfigError(f"--out_dir={out_dir} is given twice")
+            raise ConfigError(f"--out_dir={out_dir}: another model is already named {name}", "out_dir")
         path = out_dir if os.path.isfile(out_dir) else os.path.join(out_dir, "ckpt.pt")
         created = int(os.path.getmtime(path)) if os.path.exists(path) else int(time.time())
         served[name] = Served(name, out_dir, model, tok, ckpt["tokenizer"], run,
@@ -179,30 +188,6 @@ class Worker:
 
 # ----------------------------------------------------------------------------- generation
 
-class StopStrings:
-    """Cuts streamed text at the first of a request's stop strings. Text that could be the
-    start of a stop string waits until the next piece settles it, so none is ever sent."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text that is safe to send, whether a stop string was found)."""
-        text = self.held + text
-        found = [text.find(s) for s in self.stops if s in text]
-        if found:
-            self.held = ""
-            return text[:min(found)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        self.held = text[len(text) - keep:]
-        return text[:len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
-
-
 @dataclass
 class Finish:
     reason: str  # "stop" (a stop token or string) or "length" (max_tokens)
@@ -214,7 +199,6 @@ class Finish:
 def generate_steps(s: Served, ids: list[int], req, stop_tokens: list[int]):
     """Yield the text each new token completes (one item per token, maybe ""), then a Finish.
     Runs on the worker thread; closing the iterator stops the generation."""
-    from sample import decode_stream
     generator = torch.Generator(device=s.run.device).manual_seed(req.seed)
     stops = StopStrings(req.stop_list())
     n, reason, first = 0, "length", None
@@ -237,7 +221,6 @@ def generate_steps(s: Served, ids: list[int], req, stop_tokens: list[int]):
 
 def classify_steps(s: Served, ids: list[int]):
     """One item: the class probabilities at the <CLS> position of ids."""
-    from classify import class_probs, class_token_ids
     x = torch.tensor([ids], dtype=torch.long, device=s.run.device)
     with s.run.autocast:
         probs = class_probs(s.model, x, s.meta["special_tokens"][s.meta["cls_token"]],
@@ -312,51 +295,156 @@ class ClassifyRequest(Strict):
 
 def validation_message(e: ValidationError) -> str:
     err = e.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "body"
+    # a misspelt field is named as sent; one with a newline or the like, quoted: one line always
+    where = ".".join(str(p) if str(p).isprintable() else repr(p) for p in err["loc"]) or "body"
     return f"{where}: {err['msg']}"
+
+
+REQUESTS = (ChatRequest, CompletionRequest, ClassifyRequest)
+MAX_STOPS, MAX_STOP_CHARS = 4, 256  # every stop string is matched against every token
+# float32 sampling divides the logits by the temperature and compares the mass to top_p: below
+# these (1e-40, 5e-324) the division overflows or top_p rounds to 0 and every probability is NaN.
+# So small a temperature is greedy in effect, so small a top_p keeps the top token alone.
+MIN_TEMPERATURE, MIN_TOP_P = 1e-6, 1e-6
+
+
+def json_int(text: str) -> int:
+    if len(text) > 40:  # no field is near 10^40; int() of a long one is slow (refused past 4300 digits)
+        raise ValueError(f"the number {text[:12]}... has {len(text)} digits")
+    return int(text)
+
+
+def json_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")  # Python's json reads NaN and Infinity; JSON has neither
+
+
+def parse_json(body: bytes) -> dict:
+    """The body as a JSON object; what is wrong with it is a 4xx with one line."""
+    try:
+        obj = json.loads(body, parse_int=json_int, parse_constant=json_constant)
+    except RecursionError:  # 100000 '[' in a row run the parser out of stack
+        raise ApiError(400, "the body is nested too deeply") from None
+    except ValueError as e:  # bad JSON or UTF-8, NaN, an endless number
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, "the body must be a JSON object")
+    return obj
+
+
+def openapi_document(app) -> dict:
+    """FastAPI's document of the routes, with the request bodies' schemas added: the endpoints
+    read their bodies themselves (to bound their size and answer errors in one line), so
+    FastAPI does not know them; each route names its schema in openapi_extra (json_body)."""
+    from fastapi.openapi.utils import get_openapi
+    from pydantic.json_schema import models_json_schema
+    doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    _, schemas = models_json_schema([(m, "validation") for m in REQUESTS],
+                                    ref_template="#/components/schemas/{model}")
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(schemas["$defs"])
+    return doc
+
+
+def json_body(schema) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{schema.__name__}"}}}}}
+
+
+# ----------------------------------------------------------------------------- who may ask
+
+LOCAL_NAMES = {"localhost", "127.0.0.1", "::1"}
+
+
+def host_name(value: str) -> str:
+    """The host of a Host header (or an --allowed_hosts entry): lowercase, no port, no brackets."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.partition(":")[0] if value.count(":") == 1 else value
+
+
+def is_unspecified(host: str) -> bool:
+    """Whether binding host listens on every interface, however it is spelt: "", 0.0.0.0, 0,
+    ::, [::], 0:0:0:0:0:0:0:0, ::ffff:0.0.0.0, ..."""
+    host = host.strip().removeprefix("[").removesuffix("]")
+    if not host:
+        return True
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # the short forms bind() takes too (inet_aton's): 0, 0.0, 0x0
+            return socket.inet_aton(host) == bytes(4)
+        except OSError:
+            return False  # a name, such as localhost
+    return addr.is_unspecified or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_unspecified)
+
+
+def is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def host_allowed(header: str, cfg: ServeConfig) -> bool:
+    """Whether to answer a request whose Host header is `header`. A page on any website can
+    point its own name at 127.0.0.1 (DNS rebinding) and then read this server as its own
+    origin; the browser still sends that name as Host, so only names this server goes by are
+    answered: localhost, the bound address, --allowed_hosts. Rebinding needs a name, so on
+    every interface (0.0.0.0) any address of this machine is fine too."""
+    name = host_name(header)
+    allowed = {host_name(h) for h in cfg.allowed_hosts.split(",") if h.strip()}
+    if "*" in allowed or (name and name in allowed | LOCAL_NAMES | {host_name(cfg.host)}):
+        return True
+    return is_unspecified(cfg.host) and is_ip(name)
 
 
 # ----------------------------------------------------------------------------- images
 
+MAX_IMAGE_SIDE = 4096  # at most MAX_IMAGE_SIDE ** 2 pixels: 64 MB as RGBA
+
+
+def png_size(raw: bytes) -> tuple[int, int]:
+    """(width, height) from a PNG's header: the IHDR chunk, always first, read before anything
+    is decoded (a 200 KB PNG of one colour can hold 12000x12000 pixels, 432 MB decoded)."""
+    if not raw.startswith(b"\x89PNG\r\n\x1a\n") or raw[12:16] != b"IHDR" or len(raw) < 24:
+        raise ApiError(400, "image: not a PNG file; send a PNG")
+    return struct.unpack(">II", raw[16:24])
+
+
 def decode_png(text: str):
     """A base64 PNG (or data: URL) -> a PIL image; what is wrong with it is a 4xx."""
-    from prepare.codebook import ImageError, read_image
     if text.startswith("data:"):
         text = text.partition(",")[2]
     try:
         raw = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, "image: not valid base64") from None
-    if not raw.startswith(b"\x89PNG\r\n\x1a\n"):
-        raise ApiError(400, "image: not a PNG file; send a PNG")
+    width, height = png_size(raw)
+    if width * height > MAX_IMAGE_SIDE ** 2:
+        raise ApiError(413, f"image: {width}x{height} is too large (at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE})")
     try:
-        img = read_image(raw)
+        return read_image(raw)
     except ImageError as e:
         raise ApiError(413 if "too large" in str(e) else 400, f"image: {e}") from None
-    if img.width * img.height > 4096 * 4096:
-        raise ApiError(413, f"image: {img.width}x{img.height} is too large (at most 4096x4096)")
-    return img
 
 
-def image_ids(s: Served, text: str) -> tuple[list[int], list[list[int]]]:
+def image_input(s: Served, text: str) -> tuple[list[int], list[list[int]]]:
     """(token ids <IMG> codes </IMG> <CLS>, the grid the model saw, in levels of max_value),
-    through the functions that prepared its training images."""
-    from classify import image_ids as encode
-    from data import dataset_path
-    from prepare.codebook import image_codebook, image_pixels
+    through the functions that prepared its training images. Slow for a large image: the
+    server calls it off the event loop."""
     try:
         book = image_codebook(s.meta, dataset_path(s.train_config.get("dataset", "")))
         pixels = image_pixels(decode_png(text), book)
-        return encode(s.tok, book, pixels, s.model.config.block_size), pixels.astype(int).tolist()
+        return encode_image(s.tok, book, pixels, s.model.config.block_size), pixels.astype(int).tolist()
     except ValueError as e:
         raise ApiError(400, f"{s.name}: {e}") from None
 
 
-def token_ids(s: Served, tokens: list) -> list[int]:
+def token_input(s: Served, tokens: list) -> list[int]:
     """Ids or names of an image's tokens -> <IMG> codes </IMG> <CLS>, as training saw them."""
-    from classify import token_ids as wrap
     try:
-        return wrap(s.tok, tokens, s.model.config.block_size)
+        return wrap_tokens(s.tok, tokens, s.model.config.block_size)
     except ValueError as e:
         raise ApiError(400, str(e)) from None
 
@@ -456,6 +544,8 @@ async def job_items(job: Job, request):
         while True:
             getter = getter or asyncio.ensure_future(job.out.get())
             done, _ = await asyncio.wait({getter}, timeout=1.0)
+            if request.app.state.closing:  # Ctrl-C: end the reply here (see serve_forever)
+                return
             if not done or time.monotonic() - checked > 1.0:  # each second: has the client left?
                 checked = time.monotonic()
                 if await request.is_disconnected():
@@ -475,10 +565,27 @@ async def job_items(job: Job, request):
 
 
 def make_app(served: dict[str, Served], cfg: ServeConfig):
-    from fastapi import FastAPI, Request
+    from fastapi import Depends, FastAPI, Request
     from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+    from starlette.requests import ClientDisconnect
 
-    app = FastAPI(title="danlu", docs_url=None, redoc_url=None, openapi_url=None)
+    async def check_host(request: Request) -> None:
+        host = request.headers.get("host", "")
+        if not host_allowed(host, cfg):
+            name = host_name(host)
+            raise ApiError(400, f"Host {name!r} is not a name of this server (refused against DNS "
+                                f"rebinding); to serve it, start serve.py with --allowed_hosts={name}")
+
+    # no docs pages (they load scripts from a CDN); /openapi.json is what API tools read
+    app = FastAPI(title="danlu", docs_url=None, redoc_url=None, dependencies=[Depends(check_host)])
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
+    app.state.closing = False
     worker = Worker(cfg.max_in_flight)
     api_key = cfg.api_key or os.environ.get("DANLU_API_KEY", "")
 
@@ -488,29 +595,38 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         return JSONResponse({"error": {"message": e.message, "type": kind, "param": None,
                                        "code": e.status}}, status_code=e.status)
 
-    def authorize(request: Request) -> None:
+    def authorized(request: Request) -> bool:
         given = request.headers.get("authorization", "")
-        if api_key and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        return not api_key or hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+
+    def authorize(request: Request) -> None:
+        if not authorized(request):
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'")
 
-    async def read_request(request: Request, schema):
-        """The body as a `schema` object, after the key and size checks."""
-        authorize(request)
+    async def read_body(request: Request) -> bytes:
+        """The body, refused past max_request_bytes as it arrives (a chunked body is bounded too)."""
         limit = cfg.max_request_bytes
         too_big = ApiError(413, f"the request is larger than max_request_bytes ({limit})")
         if int(request.headers.get("content-length") or 0) > limit:
             raise too_big
         body = bytearray()
-        async for chunk in request.stream():  # counted as it arrives: a chunked body is bounded too
-            body += chunk
-            if len(body) > limit:
-                raise too_big
         try:
-            obj = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not valid JSON ({e})") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, "the body must be a JSON object")
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise too_big
+        except ClientDisconnect:  # nobody is left to answer; this only ends the request quietly
+            raise ApiError(400, "the client went away before the body ended") from None
+        return bytes(body)
+
+    async def read_request(request: Request, schema):
+        """The body as a `schema` object, after the key, type and size checks."""
+        authorize(request)
+        # A form or text/plain POST is one any web page can make a visitor's browser send
+        # without asking (no CORS preflight); JSON needs a preflight, which this server refuses.
+        if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
+            raise ApiError(415, "send the body as JSON, with the header 'Content-Type: application/json'")
+        obj = parse_json(await read_body(request))
         try:
             return schema.model_validate(obj)
         except ValidationError as e:
@@ -536,8 +652,12 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         if asked is not None and asked > cfg.max_tokens:
             raise ApiError(400, f"max_tokens: {asked} is more than this server allows ({cfg.max_tokens})")
         req.max_tokens = asked or cfg.max_tokens
-        if len(req.stop_list()) > 4:
-            raise ApiError(400, "stop: at most 4 stop strings")
+        stops = req.stop_list()
+        if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+        if req.temperature < MIN_TEMPERATURE:
+            req.temperature = 0.0
+        req.top_p = max(req.top_p, MIN_TOP_P)
         if req.seed is None:
             req.seed = secrets.randbits(63)
 
@@ -560,7 +680,9 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         return FileResponse(PAGE, media_type="text/html")
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
+        if not authorized(request):  # up, and a key is needed for more (what /v1/models hides)
+            return {"status": "ok", "auth": True}
         return {"status": "ok", "models": list(served), "in_flight": worker.in_flight,
                 "device": next(iter(served.values())).run.device, "auth": bool(api_key),
                 "memory": memory()}
@@ -568,9 +690,9 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card(s, cfg) for s in served.values()]}
+        return {"object": "list", "data": [model_entry(s, cfg) for s in served.values()]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=json_body(ChatRequest))
     async def chat_completions(request: Request):
         req = await read_request(request, ChatRequest)
         s = pick(req.model, ("chat",))
@@ -581,7 +703,7 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         stop_tokens = [s.tok.token_id(t) for t in CHAT_TOKENS]  # a new turn ends the reply too
         return await respond(request, req, s, ids, stop_tokens, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
         req = await read_request(request, CompletionRequest)
         s = pick(req.model, ("text", "chat"))
@@ -590,17 +712,17 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         stop_tokens = [] if eot is None else [eot]
         return await respond(request, req, s, text_prompt(s, req.prompt), stop_tokens, chat=False)
 
-    @app.post("/v1/classify")
+    @app.post("/v1/classify", openapi_extra=json_body(ClassifyRequest))
     async def classify(request: Request):
         req = await read_request(request, ClassifyRequest)
         s = pick(req.model, ("classifier",))
         if (req.image is None) == (req.tokens is None):
             raise ApiError(400, "send exactly one of image (a base64 PNG) and tokens (a token list)")
         grid = None
-        if req.image is not None:
-            ids, grid = image_ids(s, req.image)
+        if req.image is not None:  # decoding a big image takes a while: not on the event loop
+            ids, grid = await asyncio.to_thread(image_input, s, req.image)
         else:
-            ids = token_ids(s, req.tokens)
+            ids = token_input(s, req.tokens)
         probs = [p async for p in job_items(submit(classify_steps(s, ids)), request)][0]
         k = int(np.argmax(probs))
         out = {"model": s.name, "class": k, "class_name": class_names(s.meta)[k],
@@ -612,7 +734,7 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
     return app
 
 
-def model_card(s: Served, cfg: ServeConfig) -> dict:
+def model_entry(s: Served, cfg: ServeConfig) -> dict:
     """An entry of GET /v1/models: OpenAI's fields, then what the page needs to know."""
     card = {"id": s.name, "object": "model", "created": s.created, "owned_by": "danlu",
             "kind": s.kind, "context": s.model.config.block_size,
@@ -625,7 +747,6 @@ def model_card(s: Served, cfg: ServeConfig) -> dict:
 def chat_prompt(s: Served, messages: list[dict], max_tokens: int) -> list[int]:
     """Prompt ids for messages, trimmed to leave room for the reply exactly as sample.py --chat
     trims its history: leading system turns stay, the oldest exchanges go first."""
-    from sample import fit_history
     n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     if n_system == len(messages):
         raise ApiError(400, "messages: there is nothing after the system prompt to reply to")
@@ -652,13 +773,14 @@ def text_prompt(s: Served, prompt) -> list[int]:
 
 def host_warning(host: str, has_key: bool) -> str | None:
     """A warning when host opens the server to other machines."""
-    if host not in ("0.0.0.0", "::", ""):
+    if not is_unspecified(host):
         return None
     return (f"warning: --host={host} serves every network interface: anyone who can reach this "
             "machine can use the models" + ("" if has_key else "; set --api_key or DANLU_API_KEY"))
 
 
 def bind(host: str, port: int) -> socket.socket:
+    host = host.removeprefix("[").removesuffix("]")  # [::1], as in a URL
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -677,7 +799,7 @@ def main(argv=None) -> None:
     warning = host_warning(cfg.host, bool(cfg.api_key or os.environ.get("DANLU_API_KEY")))
     if warning:
         print(warning, file=sys.stderr)
-    import uvicorn
+    import uvicorn  # noqa: F401  (here, so that a missing uvicorn fails before the models load)
     t0 = time.time()
     served = load_served(out_dirs, cfg)
     for s in served.values():
@@ -685,10 +807,23 @@ def main(argv=None) -> None:
               f"parameters, context {s.model.config.block_size}, on {s.run.device}")
     sock = bind(cfg.host, cfg.port)
     host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
     print(f"loaded in {time.time() - t0:.1f}s; serving on http://{host}:{port}/", flush=True)
-    server = uvicorn.Server(uvicorn.Config(make_app(served, cfg), log_level="warning",
-                                           timeout_graceful_shutdown=2))
-    server.run(sockets=[sock])
+    serve_forever(make_app(served, cfg), sock)
+
+
+def serve_forever(app, sock: socket.socket) -> None:
+    """Run uvicorn until Ctrl-C, which ends the replies in flight at their next token: uvicorn
+    then has none left to cancel, which it would log as an error with a traceback. After it has
+    shut down it raises the KeyboardInterrupt again, for cli's one line and exit 130."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            app.state.closing = True
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)).run(sockets=[sock])
 
 
 if __name__ == "__main__":

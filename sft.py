@@ -27,12 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import CheckpointError, base_model, base_reference, gpt_config, plain_checkpoint
-from common import ConfigError, cli, load_config, print0, setup_runtime
+from checkpoint import CheckpointError, base_model, base_reference, plain_checkpoint
 from data import dataset_dir
-from model import GPT, GPTConfig, add_adapters, setting
-from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation, same_base
-from train import (LORA_KEYS, TRAINING_ONLY, TrainConfig, add_lora, make_loaders, model_config_for,
+from engine import reply, user_prompt
+from lora import add_adapters, lora_config
+from model import GPT, GPTConfig, gpt_config
+from runtime import print0, setup_runtime
+from settings import ConfigError, cli, load_config, setting
+from tokenizer import from_meta, load_meta, same_base
+from train import (TRAINING_ONLY, TrainConfig, add_lora, claim_run_folder, make_loaders, model_config_for,
                    prepare_run, report_trainable, resume_state, train)
 
 
@@ -83,7 +86,7 @@ def sft_model_config(cfg: SFTConfig, saved: dict, vocab_size: int) -> GPTConfig:
     cfg is updated to the architecture actually trained, so config.json and ckpt.pt tell the truth."""
     defaults = SFTConfig()
     for f in dataclasses.fields(GPTConfig):
-        if f.name in TRAINING_ONLY + LORA_KEYS or f.name not in saved:
+        if f.name in TRAINING_ONLY or f.name not in saved:
             continue
         mine = getattr(cfg, f.name)
         want = max(saved[f.name], vocab_size) if f.name == "vocab_size" else saved[f.name]
@@ -100,7 +103,6 @@ def sft_model_config(cfg: SFTConfig, saved: dict, vocab_size: int) -> GPTConfig:
 
 def sample_replies(prompts: list[str], tok, cfg: SFTConfig, run):
     """extra_eval for train(): greedy replies to fixed prompts, as {"samples": [...]}."""
-    end = tok.token_id(END_OF_TURN)
 
     @torch.no_grad()
     def extra_eval(model: GPT) -> dict:
@@ -110,13 +112,8 @@ def sample_replies(prompts: list[str], tok, cfg: SFTConfig, run):
         model.eval()  # no dropout while sampling
         samples = []
         for prompt in prompts:
-            ids, _ = render_conversation(tok, [{"role": "user", "content": prompt}], add_generation_prompt=True)
-            x = torch.tensor([ids], dtype=torch.long, device=run.device)
-            with run.autocast:
-                out = model.generate(x, cfg.sample_max_new_tokens, temperature=0.0, stop_tokens=(end,))
-            reply = out[0, len(ids):].tolist()
-            reply = reply[:reply.index(end)] if end in reply else reply
-            samples.append({"prompt": prompt, "reply": tok.decode(reply)})
+            samples.append({"prompt": prompt, "reply": reply(model, tok, user_prompt(tok, prompt),
+                                                             cfg.sample_max_new_tokens, run)})
             print0(f"  sample: {prompt!r} -> {samples[-1]['reply']!r}")
         model.train(was_training)
         return {"samples": samples}
@@ -133,13 +130,12 @@ def start_model(cfg: SFTConfig, run, model_cfg: GPTConfig, pretrained: dict, new
         was = state["train_config"]
         if was.get("base") != cfg.base:
             raise ConfigError(f"{cfg.out_dir} holds an SFT run of {was.get('base')}, not of "
-                              f"{cfg.base}; pick another out_dir, or --init_from=scratch to start it over")
+                              f"{cfg.base}; pick another out_dir, or --init_from=scratch --overwrite to replace it")
         if reference is not None and reference["sha256"] != state["lora_base"]["sha256"]:
             raise CheckpointError(f"{cfg.out_dir} holds LoRA adapters of an earlier {cfg.base} (its weights "
-                                  "changed since); put that base back, or --init_from=scratch to train new "
-                                  "adapters on this one")
+                                  "changed since); put that base back, or train new adapters on this one in another out_dir")
         if reference is not None:
-            model = add_adapters(base_model(pretrained, model_cfg, new_ids), model_cfg, state.pop("model"))
+            model = add_adapters(base_model(pretrained, model_cfg, new_ids), lora_config(cfg), state.pop("model"))
             report_trainable(model)
         else:
             model = GPT(model_cfg)
@@ -159,7 +155,7 @@ def main(argv=None) -> dict:
     if not cfg.base or not cfg.dataset:
         raise ConfigError("sft.py needs base (the pretrained run folder, weight/<run>) and "
                           "dataset (the SFT data from prepare/sft.py)")
-    run = setup_runtime(cfg.device, cfg.dtype)
+    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
     if not os.path.exists(os.path.join(data_dir, "train.mask.bin")):
@@ -180,10 +176,13 @@ def main(argv=None) -> dict:
     if cfg.max_iters == 0:  # a batch never straddles two epochs, so an epoch is n // per_iter
         cfg.max_iters = max(1, round(cfg.epochs * (len(loaders["train"]) // per_iter)))
     prepare_run(cfg, run)
+    claim_run_folder(cfg)
 
     model, state, lora_base = start_model(cfg, run, model_cfg, pretrained, new_ids)
     del pretrained
     model.to(run.device)
+    if run.threads_note:
+        print0(run.threads_note)
     print0(f"SFT: {len(loaders['train'])} train conversations, {per_iter} per iter, "
            f"{cfg.max_iters} iters ({cfg.max_iters * per_iter / len(loaders['train']):.2f} epochs)")
     prompts = [p.strip() for p in cfg.sample_prompts.split("|") if p.strip()]

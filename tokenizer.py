@@ -378,25 +378,122 @@ def load_meta(data_dir: str) -> dict:
     return read_meta(os.path.join(data_dir, "meta.json"))
 
 
+class MetaError(ValueError):
+    """A tokenizer description that cannot be read; the message is one line naming the file."""
+
+
+MAX_JSON_BYTES = 256 * 2**20  # far above any real meta.json / tokenizer.json (Gemma's is ~35 MB)
+# text a split pattern must cut into non-empty pieces (tiktoken's encoder panics on an empty
+# one): mixed words and scripts, then every printable ASCII character
+PATTERN_PROBE = ("Hello world, it's 2024!  Tabs\tand\nnew lines;  x=3.14 你好，世界！ 🙂👍🏽 naïve  end\r\n"
+                 + "".join(map(chr, range(32, 127))))
+
+
+def one_line(error) -> str:
+    """An exception's message on one line, cut short: a library's (Rust regex errors span lines)."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def json_value(data: bytes):
+    """The JSON value that data holds, else ValueError saying why not (not UTF-8, not JSON, or
+    nested too deep for Python's parser)."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte {e.start} is {data[e.start:e.start + 1]!r})") from None
+    except RecursionError:
+        raise ValueError("not readable JSON (nested too deep)") from None
+    except ValueError as e:  # JSONDecodeError, or a number too long to convert
+        raise ValueError(f"not valid JSON ({one_line(e)})") from None
+
+
+def json_kind(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+            bool: "true/false"}.get(type(value), "null")
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why tiktoken cannot split text with this regex, or None: it does not compile (tiktoken's
+    own compiler refuses, within its size limits, before Python's regex sees it), or it matches
+    an empty piece somewhere in a probe text, on which tiktoken's encoder panics."""
+    import regex
+    import tiktoken
+    singles = {bytes([b]): b for b in range(256)}
+    try:
+        tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks=singles, special_tokens={})
+        for text in ("", PATTERN_PROBE):
+            if any(m.start() == m.end() for m in regex.finditer(pattern, text, timeout=1.0)):
+                return f"its split pattern matches an empty piece of {text!r}"
+    except (TypeError, ValueError, regex.error) as e:
+        return f"its split pattern does not compile ({one_line(e)})"
+    except TimeoutError:
+        return "its split pattern takes over a second on a short text (catastrophic backtracking)"
+    return None
+
+
+def table_problem(tok: Tokenizer) -> str | None:
+    """What would make a tokenizer built from a file fail later, or None: special or added ids
+    that are not whole numbers or reach far past the table (every vocab_size-long array would
+    follow them), table entries of the wrong type, or a bpe table tiktoken would panic on."""
+    specials = list(tok.special_tokens.values())
+    added = list(getattr(tok, "added_tokens", {}).values())
+    if not all(type(i) is int and i >= 0 for i in specials + added):
+        return "its special or added token ids are not all whole numbers from 0"
+    if tok.vocab_size > tok.base_size + len(specials) or any(i >= tok.base_size for i in added):
+        return f"its token ids reach {max(specials + added):,}, beyond its {tok.base_size:,}-entry table"
+    entries = {"char": getattr(tok, "chars", []), "vocab": getattr(tok, "tokens", [])}.get(tok.kind, [])
+    if not all(isinstance(t, str) for t in entries):
+        return f"its {tok.kind} table holds entries that are not strings"
+    if tok.kind == "vocab" and tok.unk_token is not None and tok.unk_token not in tok.stoi:
+        return f"its unk_token {str(tok.unk_token)[:40]!r} is not one of its tokens"
+    if tok.kind == "bpe":
+        if tok.normalization not in (None, "", "NFC", "NFD", "NFKC", "NFKD"):
+            return f"normalization {str(tok.normalization)[:40]!r} is not NFC, NFD, NFKC or NFKD"
+        missing = set(range(256)) - {t[0] for t in tok.token_bytes if t is not None and len(t) == 1}
+        if missing:  # tiktoken's encoder panics on a byte it has no token for
+            return f"its table lacks {len(missing)} of the 256 single bytes"
+        return pattern_problem(tok.pattern)
+    return None
+
+
 def read_meta(path: str, fix: str = "re-run the prepare script") -> dict:
     """A tokenizer description from any file (a dataset's meta.json, or a tokenizer that
-    prepare/tokenizer.py trained), checked whole; errors name the file and end with fix."""
+    prepare/tokenizer.py trained), checked whole; every problem of the file's content is a
+    one-line MetaError naming the file and ending with fix (a missing file stays
+    FileNotFoundError)."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, or a FIFO that would block
+        raise MetaError(f"{path} is not a regular file; {fix}")
+    if os.path.getsize(path) > MAX_JSON_BYTES:
+        raise MetaError(f"{path} holds {os.path.getsize(path):,} bytes, more than any tokenizer "
+                        f"description ({MAX_JSON_BYTES:,}); {fix}")
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(meta, dict) or "kind" not in meta:
-        raise ValueError(f"{path} is not a tokenizer description (a JSON object with kind, "
-                         f"vocab_size and the table); {fix}")
-    try:
-        from_meta(meta)
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"{path} lacks or garbles its table ({type(e).__name__}: {e}); "
-                         f"{fix}") from None
+        meta = json_value(data)
     except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+        raise MetaError(f"{path} is {e}; {fix}") from None
+    if not isinstance(meta, dict) or "kind" not in meta:
+        raise MetaError(f"{path} is not a tokenizer description (it holds {json_kind(meta)}; one is a "
+                        f"JSON object with kind, vocab_size and the table); {fix}")
+    if meta["kind"] == "tiktoken" and meta.get("encoding", "gpt2") not in tiktoken_names():
+        raise MetaError(f"{path}: encoding {str(meta['encoding'])[:40]!r} is not one of tiktoken's "
+                        f"({', '.join(tiktoken_names())}); {fix}")
+    try:
+        problem = table_problem(from_meta(meta))
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise MetaError(f"{path} lacks or garbles its table ({type(e).__name__}: {one_line(e)}); "
+                        f"{fix}") from None
+    except ValueError as e:
+        raise MetaError(f"{path}: {one_line(e)}") from None
+    if problem:
+        raise MetaError(f"{path}: {problem}; {fix}")
     return meta
+
+
+def tiktoken_names() -> list[str]:
+    import tiktoken
+    return tiktoken.list_encoding_names()
 
 
 def save_meta(data_dir: str, meta: dict) -> None:

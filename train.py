@@ -19,24 +19,34 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
 
-from checkpoint import (CheckpointError, base_model, base_reference, gpt_config, load_checkpoint, lora_model,
-                        plain_checkpoint, save_checkpoint)
-from common import (ConfigError, Logger, Runtime, StopSignal, all_reduce_sum, atomic_write, cli,
-                    config_dict, load_config, peak_flops, print0, resolve_cpu_dtype, setup_runtime)
+from checkpoint import (CheckpointError, base_model, base_reference, load_checkpoint, lora_model, plain_checkpoint,
+                        save_checkpoint)
+from classify import accuracy_eval, class_token_ids
+from convert import check_fits_uint16
 from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
-from model import GPT, GPTConfig, add_adapters, is_adapter, setting
+from files import atomic_write
+from lora import LORA_KEYS, LoRAConfig, add_adapters, adapter_state, check_lora, freeze_base, is_adapter, lora_config
+from model import GPT, GPTConfig, gpt_config
+from muon import make_muon
+from runtime import (Logger, Runtime, StopSignal, all_reduce_sum, peak_flops, print0, resolve_cpu_dtype,
+                     setup_runtime)
+from settings import ConfigError, changed_settings, cli, config_dict, load_config, setting
 from tokenizer import load_meta, same_base
 
 
 @dataclass
-class TrainConfig(GPTConfig):
+class TrainConfig(GPTConfig, LoRAConfig):
     # data and run folder
     dataset: str = "shakespeare_char"  # data/<dataset>/
     out_dir: str = ""  # default: weight/<dataset>
-    # scratch | resume (out_dir's ckpt.pt) | auto (resume if there is one, else scratch) |
+    # auto (resume out_dir's ckpt.pt if there is one, else scratch) | resume | scratch |
     # a new run from pretrained weights: weight/<run>, a Hugging Face folder, gpt2[-medium|-large|-xl]
-    init_from: str = "scratch"
+    init_from: str = "auto"
+    overwrite: bool = False  # start over in an out_dir that holds a run (its ckpt.pt, best.pt, log are replaced)
     vocab_size: int = setting(0, lo=0, hi=65536)  # 0: from the dataset's meta.json
     batch_size: int = setting(12, lo=1)  # per process, per micro-step
     gradient_accumulation_steps: int = setting(1, lo=1)  # global: divided among the processes
@@ -71,6 +81,7 @@ class TrainConfig(GPTConfig):
     wandb_run_name: str = ""
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    threads: int = setting(0, lo=0)  # CPU threads; 0: the cores not busy with other work (printed at start)
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: bf16 on CUDA
     compile: bool = False
     seed: int = 1337
@@ -78,6 +89,7 @@ class TrainConfig(GPTConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        check_lora(self)
         if self.lora_quant != "none":
             raise ConfigError(f"lora_quant = {self.lora_quant!r}: QLoRA (a 4/8-bit frozen base) needs a CUDA GPU "
                               "with bitsandbytes or torchao and is not in danlu yet; remove the key to train "
@@ -170,7 +182,7 @@ def param_groups(model: GPT) -> tuple[list, list, list]:
 
 def adamw(groups: list, cfg) -> torch.optim.AdamW:
     """AdamW with the fused kernel (one pass over each tensor instead of foreach's several; on
-    CPU 8.0 vs 52 ms a step for 10.8M parameters), or foreach where torch has no fused kernel
+    CPU about 6x faster a step, docs/lab-notes.md), or foreach where torch has no fused kernel
     for these parameters (device or dtype)."""
     settings = dict(lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2))
     try:
@@ -183,7 +195,6 @@ def make_optimizers(cfg, model: GPT) -> list:
     blocks, matrices, vectors = param_groups(model)
     opts = []
     if cfg.optimizer == "muon":
-        from muon import make_muon
         opts.append(make_muon(blocks, cfg))
         blocks = []
     groups = [{"params": blocks + matrices, "weight_decay": cfg.weight_decay},
@@ -202,6 +213,50 @@ def step_seed(seed: int, rank: int, it: int) -> int:
     return int(np.random.SeedSequence([seed, rank, it]).generate_state(1, np.uint64)[0])
 
 
+# ----------------------------------------------------------------------------- the objective
+
+class Objective(nn.Module):
+    """What training minimizes, around the model: a micro-batch's cross-entropy summed over its
+    targets (weighted by w when given), plus MoE's load-balancing loss summed the same way. The
+    loop divides both by the targets of the whole optimizer step, so a short answer weighs as
+    much per token as a long one. With loss_only (example datasets) the head runs only where a
+    target counts: in SFT most positions are prompt or padding, and with a 50k vocabulary the
+    head is most of a small model's work (finding them costs one host sync). DDP and compile
+    wrap this module, so the model's own forward stays nanoGPT's."""
+
+    def __init__(self, model: GPT, loss_only: bool):
+        super().__init__()
+        self.model, self.loss_only = model, loss_only
+
+    def forward(self, x: Tensor, y: Tensor, w: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """(summed loss, summed balancing loss or None) of x, y (B, T), weights w (B, T)."""
+        model = self.model
+        h = model.body(x)  # (B, T, C)
+        aux = None
+        if model.config.n_expert:
+            aux = model.balance_loss((y != -1) if w is None else w, "sum")
+        if model.config.cls_head == "mlp":
+            return model.class_loss(h, y, "sum"), aux
+        y = y.reshape(-1)
+        w = None if w is None else w.reshape(-1).float()
+        if self.loss_only:
+            rows = ((y != -1) if w is None else (w > 0)).nonzero().squeeze(1)  # (N,)
+            y, w = y[rows], None if w is None else w[rows]
+            flat = model.head(h.reshape(-1, h.size(-1))[rows]).float()  # (N, V)
+        else:
+            flat = model.head(h).float().view(-1, model.config.vocab_size)  # (B*T, V)
+        if w is None:
+            return F.cross_entropy(flat, y, ignore_index=-1, reduction="sum"), aux
+        return (F.cross_entropy(flat, y, ignore_index=-1, reduction="none") * w).sum(), aux
+
+    def count(self, y: Tensor, w: Tensor | None = None) -> Tensor:
+        """How many targets the summed loss covers: the weights' sum (or the targets that are
+        not -1); with the mlp head, one per example."""
+        if self.model.config.cls_head == "mlp":
+            return torch.isin(y, self.model.cls_ids).sum()
+        return (y != -1).sum() if w is None else w.sum()
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -218,10 +273,11 @@ def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
         else:
             loader.rewind()  # every evaluation sees the same windows
             batches = (loader.get_batch(run.device) for _ in range(n_batches))
+        objective = Objective(model, loss_only=isinstance(loader, Examples))
         for x, y, w in batches:
             with run.autocast:
-                _, loss = model(x, y, w, loss_only=isinstance(loader, Examples), reduction="sum")
-            n = model.target_count(y, w)
+                loss, _ = objective(x, y, w)
+            n = objective.count(y, w)
             total += torch.stack([loss.float(), n.float()])
         loss_sum, count = all_reduce_sum(total, run).tolist()
         if count == 0:
@@ -259,18 +315,20 @@ class Trainer:
         self.cfg, self.run, self.loaders, self.meta, self.extra_eval = cfg, run, loaders, tokenizer_meta, extra_eval
         self.lora_base = lora_base  # a LoRA run saves its adapters and this reference to the base
         self.raw_model = model  # what checkpoints hold: no compile or DDP wrapper prefixes
-        resolve_cpu_dtype(run, model, cfg.batch_size, cfg.block_size, cfg.dtype)  # auto on a CPU: bf16?
+        resolve_cpu_dtype(run, model, cfg.batch_size, cfg.block_size, cfg.dtype, (state or {}).get("dtype"))
         self.optimizers = make_optimizers(cfg, model)
         self.iter_num, self.best_val_loss, self.elapsed0, self.saved_iter = 0, float("inf"), 0.0, None
         if state is not None:
             self.restore(state)
         self.start_iter, self.evaluated = self.iter_num, None
+        # example datasets (SFT, classification): the head runs only where a target counts
+        self.objective = objective = Objective(model, loss_only=isinstance(loaders["train"], Examples))
         if cfg.compile:
-            model = torch.compile(model)
+            objective = torch.compile(objective)
         if run.ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
-        self.model = model
+            objective = DDP(objective, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
+        self.model = objective  # what a step calls: the objective, compiled and wrapped as asked
         self.accum = cfg.gradient_accumulation_steps // run.world_size
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         # Each micro-batch's loss is a sum over its targets; backward runs on sum / norm, a
@@ -279,8 +337,6 @@ class Trainer:
         self.norm = self.accum * cfg.batch_size * cfg.block_size
         self.peak = peak_flops(run.device, run.dtype)
         self.nonfinite, self.tokens_since = 0, 0
-        # example datasets (SFT, classification): the head runs only where a target counts
-        self.loss_only = isinstance(loaders["train"], Examples)
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.time() - self.start_time
@@ -319,13 +375,13 @@ class Trainer:
         if not self.run.master:
             return
         model = self.raw_model
-        ckpt = {"model": model.adapter_state() if self.lora_base else model.state_dict(),
+        ckpt = {"model": adapter_state(model) if self.lora_base else model.state_dict(),
                 "model_config": config_dict(model.config), "train_config": config_dict(self.cfg),
                 "tokenizer": self.meta, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss}
         if self.lora_base:
-            ckpt["lora_base"] = self.lora_base
+            ckpt.update(lora_base=self.lora_base, lora=config_dict(model.lora))
         if not best:
-            ckpt.update(optimizer=[opt.state_dict() for opt in self.optimizers],
+            ckpt.update(dtype=self.run.dtype, optimizer=[opt.state_dict() for opt in self.optimizers],
                         scaler=self.run.scaler.state_dict(), loader=self.loaders["train"].state_dict(),
                         elapsed_s=self.elapsed(), world_size=self.run.world_size)
         save_checkpoint(os.path.join(self.cfg.out_dir, "best.pt" if best else "ckpt.pt"), ckpt)
@@ -397,15 +453,14 @@ class Trainer:
         for micro in range(self.accum):
             x, y, w = self.loaders["train"].get_batch(run.device)
             self.tokens_since += x.numel() * run.world_size
-            count += self.raw_model.target_count(y, w)
+            count += self.objective.count(y, w)
             # DDP: average gradients across processes on the last micro-step only
             last = micro == self.accum - 1
             with nullcontext() if not run.ddp or last else self.model.no_sync():
                 with run.autocast:
-                    loss = self.model(x, y, w, loss_only=self.loss_only, reduction="sum")[1]
-                # MoE: the balancing loss is a sum over targets too (GPT.balance_loss), so it is
-                # scaled with the cross-entropy below: a mean per target of the whole step
-                aux = self.raw_model.aux_loss if cfg.n_expert else None
+                    loss, aux = self.model(x, y, w)
+                # MoE: the balancing loss is a sum over targets too, so it is scaled with the
+                # cross-entropy below: a mean per target of the whole step
                 total = loss if aux is None else loss + cfg.moe_aux_weight * aux
                 run.scaler.scale(total / self.norm).backward()
             loss_sum += loss.detach().float()
@@ -516,25 +571,42 @@ def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
 # ----------------------------------------------------------------------------- entry point
 
 # Keys that change training, not the network: these may differ on resume and from a base.
-TRAINING_ONLY = ("dropout", "attn_impl", "lora_dropout", "moe_aux_weight")
-# A fine-tune's own keys, never the base's (lora_new_tokens_from follows from base and data)
-LORA_KEYS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_new_tokens_from")
+TRAINING_ONLY = ("dropout", "attn_impl", "moe_aux_weight")
 
 
 def add_lora(model: GPT, cfg, new_ids: range) -> GPT:
     """The frozen base model with cfg's new LoRA adapters (and trainable rows for new_ids,
     the tokens the base lacks); cfg.lora_new_tokens_from is set so ckpt.pt tells the truth."""
     cfg.lora_new_tokens_from = new_ids.start if len(new_ids) else 0
-    model = add_adapters(model, gpt_config(model.config, **{k: getattr(cfg, k) for k in LORA_KEYS}))
+    model = add_adapters(model, lora_config(cfg))
     report_trainable(model)
     return model
 
 
 def report_trainable(model: GPT) -> None:
-    trainable, total = model.freeze_base()
-    cfg = model.config
-    print0(f"LoRA rank {cfg.lora_rank} on {cfg.lora_targets}: {trainable:,} of {total:,} parameters train "
-           f"({100 * trainable / total:.2f}%), the base is frozen")
+    trainable, total = freeze_base(model)
+    print0(f"LoRA rank {model.lora.lora_rank} on {model.lora.lora_targets}: {trainable:,} of {total:,} parameters "
+           f"train ({100 * trainable / total:.2f}%), the base is frozen")
+
+
+def claim_run_folder(cfg) -> None:
+    """The output policy for out_dir: a folder that holds a run is resumed (init_from auto or
+    resume), never replaced by a new one unless --overwrite asks for it, which says what goes.
+    A stale best.pt of the replaced run is removed at once: sample.py would read it first."""
+    held = [n for n in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if not held or (cfg.init_from in ("auto", "resume") and "ckpt.pt" in held):
+        return
+    if not cfg.overwrite:
+        raise ConfigError(f"{cfg.out_dir} holds a run ({', '.join(held)}) that init_from = {cfg.init_from!r} would "
+                          "replace; resume it (init_from = auto), pick another --out_dir, or pass --overwrite "
+                          "to replace it", "out_dir")
+    print0(f"--overwrite: a new run replaces the one in {cfg.out_dir} ({', '.join(held)}, log.jsonl)")
+    if "best.pt" in held and run_is_master():
+        os.remove(os.path.join(cfg.out_dir, "best.pt"))
+
+
+def run_is_master() -> bool:
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
@@ -546,16 +618,18 @@ def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
     if not os.path.exists(path):
         if cfg.init_from == "auto":
             return None
-        raise ConfigError(f"init_from = 'resume' but {path} does not exist; start with "
-                          "--init_from=scratch (or auto)", "init_from")
+        raise ConfigError(f"init_from = 'resume' but {path} does not exist; start a new run with "
+                          "--init_from=auto (or scratch)", "init_from")
     state = load_checkpoint(path)
     if "optimizer" not in state:
         raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be "
                               f"resumed; start a new run from it with --init_from={cfg.out_dir} "
                               "and another out_dir")
     saved = config_dict(gpt_config(state["model_config"]))  # keys newer than the checkpoint: defaults
-    diff = {k: (saved.get(k), v) for k, v in config_dict(model_cfg).items()
-            if saved.get(k) != v and k not in TRAINING_ONLY + ("lora_new_tokens_from",)}
+    saved.update(config_dict(lora_config(state.get("lora", {}))))
+    mine = {**config_dict(model_cfg), **config_dict(lora_config(cfg))}
+    diff = {k: (saved.get(k), v) for k, v in mine.items()
+            if saved.get(k) != v and k not in TRAINING_ONLY + ("lora_dropout", "lora_new_tokens_from")}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"{path} was trained with a different model config ({shown}); use "
@@ -565,6 +639,9 @@ def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
         raise ConfigError(f"{path} was trained on dataset {was!r}, not {cfg.dataset!r}; resume "
                           f"continues the same run. To train its weights on other data, start a new "
                           f"run: --init_from={cfg.out_dir} --out_dir=<another folder>", "dataset")
+    if state["iter_num"] >= cfg.max_iters:
+        print0(f"{path} is at iter {state['iter_num']}, max_iters is {cfg.max_iters}: nothing left to train "
+               "(raise --max_iters to go on, or train a new run with another --out_dir)")
     if state.get("world_size", run.world_size) != run.world_size:
         print0(f"note: the checkpoint was written by {state['world_size']} processes and this run "
                f"has {run.world_size}; each step reads the same windows, split differently")
@@ -579,7 +656,6 @@ def init_weights(cfg, meta: dict, model_cfg: GPTConfig) -> tuple[GPT, GPTConfig,
     tokenizer (chat tokens appended are grown in). lora_rank > 0 freezes them beside adapters."""
     if cfg.init_from in ("scratch", "resume", "auto"):
         return GPT(model_cfg), model_cfg, None
-    from convert import check_fits_uint16
     source = plain_checkpoint(cfg.init_from)
     source_cfg, source_meta = gpt_config(source["model_config"]), source["tokenizer"]
     check_fits_uint16(source_meta, cfg.init_from)
@@ -593,8 +669,7 @@ def init_weights(cfg, meta: dict, model_cfg: GPTConfig) -> tuple[GPT, GPTConfig,
                         **{k: getattr(cfg, k) for k in TRAINING_ONLY})
     model = base_model(source, config, new_ids)
     for key, value in config_dict(model.config).items():
-        if key not in LORA_KEYS:
-            setattr(cfg, key, value)
+        setattr(cfg, key, value)
     print0(f"starting from the weights of {cfg.init_from}")
     if not cfg.lora_rank:
         return model, model.config, None
@@ -608,7 +683,8 @@ def prepare_run(cfg, run: Runtime) -> None:
     every rank; training steps reseed per rank, see step_seed)."""
     if not cfg.out_dir:
         cfg.out_dir = os.path.join("weight", os.path.basename(cfg.dataset.rstrip("/")))
-    print0("config:", json.dumps(config_dict(cfg), indent=None))
+    print0(f"config (what differs from the defaults; all of it goes to {cfg.out_dir}/config.json):\n"
+           + changed_settings(cfg))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -616,19 +692,19 @@ def prepare_run(cfg, run: Runtime) -> None:
 
 def main(argv=None) -> dict:
     cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-    run = setup_runtime(cfg.device, cfg.dtype)
+    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
     prepare_run(cfg, run)
+    claim_run_folder(cfg)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
     model, model_cfg, lora_base = init_weights(cfg, meta, model_config_for(cfg, meta))
     if model_cfg.cls_head == "mlp":  # the head finds its targets by the class tokens' ids
-        from classify import class_token_ids
         model.cls_ids.copy_(torch.tensor(class_token_ids(meta)))
     state = resume_state(cfg, run, model_cfg)
     if state is not None and state.get("lora_base"):  # adapters: their base comes from its path
         model, lora_base = lora_model(state, cfg.out_dir), state["lora_base"]
         del state["model"]
-        cfg.lora_new_tokens_from = model.config.lora_new_tokens_from
+        cfg.lora_new_tokens_from = model.lora.lora_new_tokens_from
         report_trainable(model)
         print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
     elif state is not None:
@@ -638,11 +714,11 @@ def main(argv=None) -> dict:
         raise ConfigError(f"lora_rank = {cfg.lora_rank} trains adapters on pretrained weights; give them "
                           "with --init_from=weight/<run>|HF_FOLDER|gpt2 (sft.py: --base=...)", "lora_rank")
     model.to(run.device)
-    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, device {run.device}, dtype {run.dtype}")
+    print0(f"model: {model.num_params() / 1e6:.2f}M parameters, device {run.device}"
+           + (f", {run.threads_note}" if run.threads_note else ""))
     loaders = make_loaders(cfg, data_dir, meta, run, model_cfg.vocab_size)
     extra_eval = None
     if meta.get("task") == "classify":
-        from classify import accuracy_eval
         extra_eval = accuracy_eval(loaders["eval"]["val"], meta, run)
     summary = train(cfg, run, model, loaders, meta, state, extra_eval, lora_base)
     print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "

@@ -23,7 +23,7 @@ import tempfile
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from common import cli  # noqa: E402
+from settings import cli  # noqa: E402
 from prepare.sft import build_sft_dataset  # noqa: E402
 from prepare.text import main as prepare_text  # noqa: E402
 

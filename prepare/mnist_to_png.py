@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-from common import cli
+from settings import cli
 from prepare.tiny_cls import load_mnist
 
 

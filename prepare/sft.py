@@ -54,8 +54,8 @@ from tqdm import tqdm
 
 import data
 import tokenizer
-from common import cli
-from prepare import decode_utf8, open_input
+from settings import cli
+from data import decode_utf8, open_input
 from tokenizer import CHAT_TOKENS, fit_conversation
 
 # Other names datasets use for the template's roles.

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import tokenizer  # noqa: E402
-from common import cli  # noqa: E402
-from prepare import read_utf8  # noqa: E402
+from settings import cli  # noqa: E402
+from data import read_utf8  # noqa: E402
 
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 

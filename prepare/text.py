@@ -36,9 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data  # noqa: E402
 import tokenizer  # noqa: E402
-from common import cli  # noqa: E402
-from data import DataError  # noqa: E402
-from prepare import decode_utf8, open_input  # noqa: E402
+from settings import cli  # noqa: E402
+from data import DataError, decode_utf8, open_input  # noqa: E402
 
 EOT = "<|endoftext|>"
 SUFFIXES = (".txt", ".jsonl")
@@ -326,7 +325,8 @@ def model_tokenizer(source: str) -> tuple[tokenizer.Tokenizer, str]:
     """(tokenizer, document end) of a model to continue pretraining (train.py --init_from=
     source). Documents end with its <|endoftext|>, else the folder's eos token, else an
     appended <|endoftext|> (train.py grows the embedding for it)."""
-    from convert import check_fits_uint16, tokenizer_meta
+    from checkpoint import tokenizer_meta  # here: plain text preparation never loads the model code
+    from convert import check_fits_uint16
     meta = tokenizer_meta(source)
     check_fits_uint16(meta, source)
     tok = tokenizer.from_meta(meta)

@@ -21,7 +21,7 @@ class, DIR/<class>/*, a stratified, seeded --val_frac of each class goes to val)
 are the folder names, any strings, sorted: class k is <CLS_k>. Any image Pillow reads (PNG,
 JPEG, BMP, ...; any size or mode) becomes gray ink (--polarity), fitted to --image_size
 (--fit pad: letterboxed; ink: strokes cropped and centred) as 0..255 pixels, by the same
-function (prepare.codebook.image_pixels) that sample.py --image and the server use; those
+function (images.image_pixels) that sample.py --image and the server use; those
 settings are recorded in the codebook. An unreadable image is an error naming it (--skip_bad:
 left out and counted).
 
@@ -55,17 +55,14 @@ from tqdm import tqdm
 
 import data
 import tokenizer
-from common import cli
-from data import DataError
-from prepare import decode_utf8, open_input, read_utf8
-from prepare.codebook import (INK_FILL, ImageError, codebook_meta, encode_images, fit_codebook,
-                              image_pixels, read_image, save_codebook)
+from settings import cli
+from data import DataError, read_utf8
+from images import (CLS, END_IMG, EOS, IMG, INK_FILL, MARKERS, NUM_CLASSES, PAD, UNK, ImageError, class_token,
+                    class_tokens, code_token, codebook_meta, encode_images, fit_codebook, image_files, image_pixels,
+                    read_image, read_token_examples, save_codebook, tail_ids)
 
 DIGITS_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
-NUM_CLASSES = 10
 SEED = 1337
-PAD, UNK, IMG, END_IMG, CLS, EOS = "<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"
-MARKERS = [PAD, UNK, IMG, END_IMG, CLS, EOS]
 IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # idx: uint8 data with 3 dims / 1 dim
 MNIST_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
                "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
@@ -84,18 +81,6 @@ DEFAULTS = {
                    polarity="auto"),
 }
 MAX_VALUE = {"digits": 16, "mnist": 255, "folder": 255}  # pixel value that means "full ink"
-
-
-def class_token(k: int) -> str:
-    return f"<CLS_{k}>"
-
-
-def class_tokens(num_classes: int = NUM_CLASSES) -> list[str]:
-    return [class_token(k) for k in range(num_classes)]
-
-
-def code_token(i: int) -> str:
-    return f"<Z_{i:03d}>"
 
 
 # ----------------------------------------------------------------------------- image sources
@@ -190,25 +175,6 @@ def shift_copies(images: np.ndarray, n: int, max_shift: int = 1, seed: int = SEE
 
 
 # ----------------------------------------------------------------------------- image folders
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-def image_files(folder: str, stats: dict) -> list[str]:
-    """Every image file under folder (any depth), sorted; hidden files are passed over and
-    files without an image extension are counted in stats["not_images"]."""
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(files):
-            if name.startswith("."):
-                continue
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(os.path.join(root, name))
-            else:
-                stats["not_images"] = stats.get("not_images", 0) + 1
-    return found
-
 
 def class_folders(split_dir: str, stats: dict) -> dict[str, list[str]]:
     """{class name: its image files} for the folders of split_dir; the name is the folder's."""
@@ -345,10 +311,6 @@ def image_tokenizer(n_codes: int, num_classes: int = NUM_CLASSES) -> tokenizer.V
     return tokenizer.VocabTokenizer(tokens, {t: i for i, t in enumerate(specials)}, unk_token=UNK)
 
 
-def tail_ids(tok, label: int) -> list[int]:
-    return [tok.stoi[END_IMG], tok.stoi[CLS], tok.stoi[class_token(label)], tok.stoi[EOS]]
-
-
 def example_mask(length: int) -> np.ndarray:
     """1 only at <CLS_k>, second to last: the class answer is the one training target."""
     mask = np.zeros(length, dtype=np.uint8)
@@ -384,83 +346,6 @@ def load_vocab(path: str, num_classes: int = NUM_CLASSES):
     added = tok.add_special_tokens(wanted + class_tokens(num_classes))
     tok.unk_token = UNK
     return tok, added
-
-
-def parse_line(line: str, where: str, num_classes: int) -> tuple[list[str], int]:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(obj, dict) or "tokens" not in obj or "label" not in obj:
-        raise DataError(f'{where}: expected an object with "tokens" and "label"')
-    tokens, label = obj["tokens"], obj["label"]
-    if not isinstance(tokens, str):
-        raise DataError(f'{where}: "tokens" must be a space-separated string')
-    if isinstance(label, bool) or not isinstance(label, int):
-        raise DataError(f'{where}: "label" must be an integer, got {label!r}')
-    if not 0 <= label < num_classes:
-        raise DataError(f'{where}: "label" {label} is outside 0..{num_classes - 1}')
-    return tokens.split(), label
-
-
-def split_image(words: list[str]) -> tuple[list[str], list[str]]:
-    """(image codes, old tail) of a tokenized example: the codes are what precedes the last
-    </IMG> (or, without one, the trailing <CLS>/<CLS_k>/<EOS> tokens), minus a leading <IMG>."""
-    if END_IMG in words:
-        end = len(words) - 1 - words[::-1].index(END_IMG)
-    else:
-        end = len(words)
-        while end and (words[end - 1] in (CLS, EOS) or words[end - 1].startswith("<CLS_")):
-            end -= 1
-    start = 1 if words[:1] == [IMG] else 0
-    return words[start:end], words[end:]
-
-
-def read_jsonl(path: str, tok, max_length: int = 1024, num_classes: int = NUM_CLASSES,
-               stats: dict | None = None) -> tuple[list[list[int]], list[int]]:
-    """(token-id lists, labels) of a JSONL file of {"tokens": "<IMG> ... <EOS>", "label": k}.
-
-    Every tail is rebuilt from the label as </IMG> <CLS> <CLS_k> <EOS> (old files hold <CLS> in
-    the answer slot), tokens tok lacks become <UNK>, and an example longer than max_length loses
-    its start, never its tail. stats, if given, counts each fix. A malformed line raises
-    DataError naming the file and line."""
-    if not isinstance(tok, tokenizer.VocabTokenizer):
-        raise DataError(f"{path}: reading token JSONL needs a vocab tokenizer, not {tok.kind!r}")
-    missing = [t for t in [IMG, END_IMG, CLS, EOS] + class_tokens(num_classes) if t not in tok.stoi]
-    if missing:
-        raise DataError(f"the tokenizer lacks {missing}; it was not made for classification")
-    if max_length < 5:
-        raise ValueError(f"max_length {max_length} cannot hold an image token and the 4-token tail")
-    stats = {} if stats is None else stats
-    for key in ("examples", "unknown_tokens", "fixed_tails", "label_conflicts", "truncated"):
-        stats.setdefault(key, 0)
-    unk = tok.stoi.get(tok.unk_token) if tok.unk_token else None
-    seqs, labels = [], []
-    with open_input(path) as f:  # bytes, so that bad UTF-8 is reported with its line number
-        for lineno, raw in enumerate(f, 1):
-            line = decode_utf8(raw, path, lineno).removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            words, label = parse_line(line, where, num_classes)
-            body, old_tail = split_image(words)
-            if not body:
-                raise DataError(f"{where}: no image tokens before the </IMG> <CLS> tail")
-            unknown = [w for w in body if w not in tok.stoi]
-            if unknown and unk is None:
-                raise DataError(f"{where}: token {unknown[0]!r} is not in the vocabulary")
-            ids = [tok.stoi[IMG]] + [tok.stoi.get(w, unk) for w in body] + tail_ids(tok, label)
-            stats["unknown_tokens"] += len(unknown)
-            stats["fixed_tails"] += words != [IMG, *body, END_IMG, CLS, class_token(label), EOS]
-            stats["label_conflicts"] += any(w.startswith("<CLS_") and w != class_token(label)
-                                            for w in old_tail)
-            if len(ids) > max_length:  # the answer is at the end: cut the start
-                ids = ids[-max_length:]
-                stats["truncated"] += 1
-            seqs.append(ids)
-            labels.append(label)
-    stats["examples"] += len(seqs)
-    return seqs, labels
 
 
 # ----------------------------------------------------------------------------- the two pipelines
@@ -518,10 +403,10 @@ def prepare_jsonl(args, stats: dict):
     user's JSONL."""
     tok, added = load_vocab(args.vocab, args.num_classes)
     stats["added_tokens"] = added
-    seqs, labels = read_jsonl(args.jsonl, tok, args.max_length, args.num_classes, stats)
+    seqs, labels = read_token_examples(args.jsonl, tok, args.max_length, args.num_classes, stats)
     if args.val_jsonl:
         splits = {"train": (seqs, labels),
-                  "val": read_jsonl(args.val_jsonl, tok, args.max_length, args.num_classes, stats)}
+                  "val": read_token_examples(args.val_jsonl, tok, args.max_length, args.num_classes, stats)}
     else:
         train, val = stratified_split(labels, args.val_frac, args.seed)
         splits = {name: ([seqs[i] for i in idx], [labels[i] for i in idx])

@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import json  # noqa: E402
 
 import tokenizer  # noqa: E402
-from checkpoint import atomic_write  # noqa: E402
-from common import cli  # noqa: E402
+from files import atomic_write  # noqa: E402
+from settings import cli  # noqa: E402
 from data import DataError  # noqa: E402
 from prepare.text import EOT, documents, list_inputs, read_chunks  # noqa: E402
 
@@ -119,8 +119,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--vocab_size", type=int, required=True, help="all ids, <|endoftext|> included")
     parser.add_argument("--name", required=True, help="writes data/tokenizers/<name>.json")
     parser.add_argument("--eval", nargs="+", help="text to measure on (default: the first 4 MB of the inputs)")
+    parser.add_argument("--overwrite", action="store_true", help="replace data/tokenizers/<name>.json if it exists")
     args = parser.parse_args(argv)
     check_vocab_size(args.vocab_size)
+    path = os.path.join("data", "tokenizers", f"{args.name}.json")
+    if os.path.exists(path) and not args.overwrite:
+        raise DataError(f"{path} exists (a tokenizer that datasets may use); pick another --name, or pass "
+                        "--overwrite to replace it")
     files = list_inputs(args.input)
     eval_files = list_inputs(args.eval) if args.eval else files
     total = sum(os.path.getsize(f) for f in files)
@@ -128,21 +133,24 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     tok = train(files, args.vocab_size)
     seconds = time.perf_counter() - t0
+    if tok.vocab_size <= 257:  # 256 bytes + <|endoftext|>: not one merge was learned
+        raise DataError(f"{', '.join(args.input)}: {total:,} bytes of text taught no merge; give the trainer "
+                        f"real text (nothing was written)")
     stats = compare_with_gpt2(tok, eval_files)
     source = {"script": "prepare/tokenizer.py", "inputs": args.input, "files": len(files), "bytes": total,
               "vocab_size_asked": args.vocab_size, "train_seconds": round(seconds, 2),
               "train_mb_s": round(total / 1e6 / seconds, 2), **stats}
-    path = os.path.join("data", "tokenizers", f"{args.name}.json")
     with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(tok.to_meta(source=source), f, ensure_ascii=False)
 
     fewer = f" (the inputs ran out of merges before {args.vocab_size:,})" if tok.vocab_size < args.vocab_size else ""
-    gpt2 = stats["gpt2"] or {"tokens_per_char": "n/a", "encode_mb_s": "n/a (no tiktoken cache)"}
+    gpt2 = stats["gpt2"]
     print(f"vocab_size {tok.vocab_size:,}{fewer}, trained on {total / 1e6:.2f} MB in {seconds:.1f} s "
           f"({source['train_mb_s']} MB/s) -> {path}\n"
-          f"  on {stats['eval_chars']:,} characters: {stats['trained']['tokens_per_char']} tokens/char "
-          f"(GPT-2: {gpt2['tokens_per_char']}), encodes at {stats['trained']['encode_mb_s']} MB/s "
-          f"(GPT-2: {gpt2['encode_mb_s']} MB/s) on one core")
+          f"  on {stats['eval_chars']:,} characters: {stats['trained']['tokens_per_char']} tokens/char, "
+          f"encodes at {stats['trained']['encode_mb_s']} MB/s on one core"
+          + (f" (GPT-2: {gpt2['tokens_per_char']} tokens/char, {gpt2['encode_mb_s']} MB/s)" if gpt2 else
+             " (no tiktoken cache: not compared with GPT-2)"))
     return source
 
 

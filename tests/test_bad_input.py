@@ -10,7 +10,7 @@ import sample
 import sft
 import train
 from checkpoint import load_checkpoint
-from common import ConfigError, load_config
+from settings import ConfigError, load_config
 from conftest import TINY, read_log, run_script
 from data import DataError
 # ----------------------------------------------------------------------------- data lost

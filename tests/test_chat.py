@@ -9,7 +9,8 @@ import sys
 
 import tokenizer
 from conftest import ROOT
-from sample import OneLine, fit_history
+from engine import fit_history
+from sample import OneLine
 from test_sft import GREETING_REPLY, tiny  # noqa: F401  (tiny is a fixture)
 
 MAX_NEW = 300  # far more than any trained reply: a reply that ends early ended at <|end|>

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+from engine import generate
+import checkpoint
 import convert
 from model import GPT, GPTConfig
 from tokenizer import CHAT_TOKENS, CharTokenizer, TiktokenTokenizer, VocabTokenizer, from_meta
@@ -55,7 +57,7 @@ def save_hf_model(model, folder: str, tokenizer_style: str | None = "qwen2", **s
 
 def assert_same_model(hf_model, folder: str, steps: int = 8):
     """Logits within 1e-5 (float32) and identical greedy continuations."""
-    config, state, meta = convert.load_pretrained(folder)
+    config, state, meta = checkpoint.load_pretrained(folder)
     model = GPT(config)
     model.load_state_dict(state)
     model.eval()
@@ -68,7 +70,7 @@ def assert_same_model(hf_model, folder: str, steps: int = 8):
     with torch.no_grad():
         hf_tokens = hf_model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
                                       do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert model.generate(prompt, steps, temperature=0.0).tolist() == hf_tokens.tolist()
+    assert generate(model, prompt, steps, temperature=0.0).tolist() == hf_tokens.tolist()
     return config, state, meta
 
 
@@ -110,7 +112,7 @@ def test_llama_family_import_matches_transformers(tmp_path, variant):
                 torch.nn.init.normal_(p, std=0.1)
     save_hf_model(hf, str(tmp_path))
     config, _, meta = assert_same_model(hf, str(tmp_path))
-    assert convert.tokenizer_meta(str(tmp_path)) == {k: v for k, v in meta.items() if k != "source"}
+    assert checkpoint.tokenizer_meta(str(tmp_path)) == {k: v for k, v in meta.items() if k != "source"}
     assert (config.pos_emb, config.norm, config.mlp) == ("rope", "rmsnorm", "swiglu")
     if variant == "llama_gqa_untied":
         assert config.n_kv_head == 2 and not config.tie_embeddings and config.rope_theta == 500.0
@@ -213,20 +215,20 @@ def test_a_danlu_run_is_a_source_too(tmp_path):
     meta = CharTokenizer.from_text("abcdef").to_meta()
     save_checkpoint(str(tmp_path / "ckpt.pt"), {"model": model.state_dict(), "model_config": dataclasses.asdict(config),
                                                 "tokenizer": meta, "train_config": {}, "iter_num": 3})
-    got, state, got_meta = convert.load_pretrained(str(tmp_path))
+    got, state, got_meta = checkpoint.load_pretrained(str(tmp_path))
     assert got == config and got_meta == meta and torch.equal(state["lm_head.weight"], model.lm_head.weight)
 
 
 def test_unknown_sources_and_models_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(convert.ConvertError, match="not a GPT-2 name"):
-        convert.load_pretrained(str(tmp_path / "nothing"))
+        checkpoint.load_pretrained(str(tmp_path / "nothing"))
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # not installed
     with pytest.raises(convert.ConvertError, match="pip install huggingface_hub.*local folder"):
-        convert.load_pretrained("gpt2-medium")
+        checkpoint.load_pretrained("gpt2-medium")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     convert.write_safetensors(str(tmp_path / "model.safetensors"), {"x": torch.zeros(1)})
     with pytest.raises(convert.ConvertError, match="'bert'.*GPT2LMHeadModel, LlamaForCausalLM"):
-        convert.load_pretrained(str(tmp_path))
+        checkpoint.load_pretrained(str(tmp_path))
     scaled = tiny_llama().config.to_dict() | {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
     with pytest.raises(convert.ConvertError, match="rope_scaling"):
         convert.llama_from_hf(scaled, {}, "config.json")
@@ -242,7 +244,7 @@ def test_gpt2_name_offline_says_to_pass_a_folder(monkeypatch):
 
     monkeypatch.setattr(hub, "snapshot_download", offline)
     with pytest.raises(convert.ConvertError, match="gpt2: could not download.*local folder") as e:
-        convert.pretrained_checkpoint("gpt2")
+        checkpoint.pretrained_checkpoint("gpt2")
     assert "\n" not in str(e.value)
     assert calls == [("openai-community/gpt2", True), ("openai-community/gpt2", False)]  # cache first
 
@@ -270,7 +272,7 @@ def test_danlu_hf_danlu_round_trip_is_exact(tmp_path, name):
     arch = convert.save_hf(config, state, meta, str(tmp_path))
     assert arch == {"gpt2": "GPT2LMHeadModel", "gpt2_untied_eps_width": "GPT2LMHeadModel",
                     "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[name]
-    back, back_state, back_meta = convert.load_pretrained(str(tmp_path))
+    back, back_state, back_meta = checkpoint.load_pretrained(str(tmp_path))
     assert back == config
     assert back_state.keys() == state.keys()
     assert all(torch.equal(back_state[k], state[k]) for k in state)
@@ -282,7 +284,7 @@ def test_round_trip_of_a_bias_free_gpt2_layout_keeps_the_function(tmp_path):
     config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=30, bias=False)
     model = GPT(config).eval()
     convert.save_hf(config, model.state_dict(), CharTokenizer.from_text("abc").to_meta(), str(tmp_path))
-    back, state, _ = convert.load_pretrained(str(tmp_path))
+    back, state, _ = checkpoint.load_pretrained(str(tmp_path))
     assert back.bias  # GPT-2 has biases: written as zeros
     again = GPT(back).eval()
     again.load_state_dict(state)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import checkpoint
+import runtime
+import settings
 import train
 from checkpoint import CKPT_VERSION, load_checkpoint, save_checkpoint
 from conftest import TINY, make_char_dataset, read_log, run_script, step_losses
@@ -41,7 +43,7 @@ def test_measuring_the_peak_leaves_the_global_generator_alone(tmp_path, monkeypa
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    common.peak_flops("cpu", "float32")
+    runtime.peak_flops("cpu", "float32")
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -50,7 +52,7 @@ def test_checkpoints_load_on_the_cpu_whatever_the_run_device(tiny_data):
     did, and torch.set_rng_state raised); with a 'meta' run device it still loads on the CPU,
     and the weights are handed over once (no second copy kept for the run)."""
     train.main(TINY + ["--max_iters=3", "--out_dir=weight/a"])
-    cfg = common.load_config(train.TrainConfig, TINY + ["--out_dir=weight/a", "--init_from=resume"])
+    cfg = settings.load_config(train.TrainConfig, TINY + ["--out_dir=weight/a", "--init_from=resume"])
     run = SimpleNamespace(device="meta", world_size=1, rank=0)
     state = train.resume_state(cfg, run, train.model_config_for(cfg, train.load_meta("data/tiny")))
     tensors = [t for opt in state["optimizer"] for s in opt["state"].values() for t in s.values()
@@ -140,8 +142,8 @@ def test_an_empty_micro_batch_adds_nothing():
     model = GPT(GPTConfig(block_size=8, vocab_size=20, n_layer=1, n_head=2, n_embd=16))
     x = torch.randint(0, 20, (2, 8))
     y = torch.full((2, 8), -1)
-    _, total = model(x, y, reduction="sum")
-    _, sparse = model(x, y, reduction="sum", loss_only=True)
+    total, _ = train.Objective(model, loss_only=False)(x, y)
+    sparse, _ = train.Objective(model, loss_only=True)(x, y)
     assert total.item() == 0.0 and sparse.item() == 0.0
 
 
@@ -226,7 +228,7 @@ def test_checkpoint_policy(tiny_data, monkeypatch, always):
     best_iter = min((it for it in evals if it > 0), key=lambda it: evals[it])
     assert best["iter_num"] == best_iter and best["best_val_loss"] == evals[best_iter]
     assert "optimizer" not in best and load_checkpoint("weight/a")["iter_num"] == 20
-    model, ckpt = common.load_model("weight/a")  # a run folder means its best weights
+    model, ckpt = checkpoint.load_model("weight/a")  # a run folder means its best weights
     assert ckpt["iter_num"] == best_iter
 
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from engine import generate
 import export
 from checkpoint import save_checkpoint
 from convert import ConvertError
@@ -81,7 +82,7 @@ def test_hf_export_loads_in_transformers_with_identical_output(tmp_path, name, r
     stop = (eos,) if eos is not None else ()
     with torch.no_grad():
         want = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=12, do_sample=False)
-    got = model.generate(x, 12, temperature=0.0, stop_tokens=stop)
+    got = generate(model, x, 12, temperature=0.0, stop_tokens=stop)
     assert got.tolist() == want[:, :got.size(1)].tolist()  # HF stops at eos: danlu repeats it
     if name == "gpt2_char_chat":  # the chat template is danlu's: same ids as render_conversation
         from tokenizer import render_conversation

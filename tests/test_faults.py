@@ -39,6 +39,7 @@ def test_sigterm_finishes_step_saves_and_exits_zero(tiny_data):
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, err
     assert "stopped by SIGTERM" in out and "--init_from=resume" in out
+    assert "SIGTERM: stopping after this step, then saving ckpt.pt" in out  # said at once
     ckpt = load_checkpoint("weight/a")
     assert ckpt["iter_num"] >= 3
     summary = train.main(TINY + ["--out_dir=weight/a", "--init_from=resume",
@@ -105,22 +106,22 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(tmp_path):
         load_checkpoint(str(tmp_path / "missing"))
 
 
-class NaNOnSteps(train.GPT):
+class NaNOnSteps(train.Objective):
     """Returns a NaN training loss on the training forward passes listed in bad_calls."""
     bad_calls: set = set()
     calls = 0
 
-    def forward(self, idx, targets=None, weights=None, loss_only=False, reduction="mean"):
-        logits, loss = super().forward(idx, targets, weights, loss_only, reduction)
-        if self.training and targets is not None:
+    def forward(self, x, y, w=None):
+        loss, aux = super().forward(x, y, w)
+        if self.model.training:
             NaNOnSteps.calls += 1
             if NaNOnSteps.calls in NaNOnSteps.bad_calls:
                 loss = loss * float("nan")
-        return logits, loss
+        return loss, aux
 
 
 def test_nonfinite_loss_skips_step_then_stops(tiny_data, monkeypatch):
-    monkeypatch.setattr(train, "GPT", NaNOnSteps)
+    monkeypatch.setattr(train, "Objective", NaNOnSteps)
     NaNOnSteps.calls, NaNOnSteps.bad_calls = 0, {3, 4}
     summary = train.main(TINY + ["--max_iters=6", "--out_dir=weight/a"])
     assert summary["iters"] == 6

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 import classify
+import images
 import tokenizer
 import train
 from conftest import ROOT, run_script
 from data import DataError, Examples
 from model import GPT, GPTConfig
+from images import image_codebook, image_pixels, read_image
 from prepare import tiny_cls
-from prepare.codebook import image_codebook, image_pixels, read_image
 
 CLASSES = ["cat", "class with space", "狗"]  # sorted: class k is CLASSES[k]
 CONFIG = os.path.join(ROOT, "config", "tiny_cls_images.py")
@@ -222,11 +223,11 @@ def test_a_training_image_and_a_classified_one_get_the_same_tokens(tmp_path, mon
                              model=SimpleNamespace(config=SimpleNamespace(block_size=64)))
     val = [val[i] for i in tiny_cls.mixed_order(len(val), tiny_cls.SEED)]  # the order written
     for path, example in zip(val, bins(data_dir, "val")):
-        ids = classify.image_ids(tok, book, image_pixels(read_image(path), book), 64)
+        ids = images.image_ids(tok, book, image_pixels(read_image(path), book), 64)
         assert ids == example[:-2]  # the example without <CLS_k> <EOS>
         if path.endswith(".png"):
             with open(path, "rb") as f:
-                assert serve.image_ids(served, base64.b64encode(f.read()).decode())[0] == ids
+                assert serve.image_input(served, base64.b64encode(f.read()).decode())[0] == ids
 
 
 # ----------------------------------------------------------------------------- train and classify
@@ -324,8 +325,9 @@ def test_server_answers_with_class_names(runs):
 # ----------------------------------------------------------------------------- the mlp head
 
 def test_mlp_head_loss_is_one_target_per_example():
-    """forward() with reduction="sum" sums the head's cross-entropy over the class targets only,
-    and target_count() gives the training loop one per example, whatever else y holds."""
+    """train.py's Objective sums the head's cross-entropy over the class targets only, and
+    count() gives the training loop one per example, whatever else y holds."""
+    from train import Objective
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=8, vocab_size=12, n_layer=1, n_head=2, n_embd=16,
                           cls_head="mlp", n_class=3))
@@ -335,19 +337,19 @@ def test_mlp_head_loss_is_one_target_per_example():
     y = torch.full((2, 6), -1)
     y[0, 3], y[1, 5] = 11, 9  # classes 2 and 0, at <CLS>
     y[0, 1] = 4  # a next-token target: not the head's business
-    _, loss = model(x, y, reduction="sum")
+    loss, _ = Objective(model, loss_only=False)(x, y)
     h = model.body(x)
     logits = model.cls_mlp(torch.stack([h[0, 3], h[1, 5]]))
     assert loss.item() == pytest.approx(
         torch.nn.functional.cross_entropy(logits, torch.tensor([2, 0]), reduction="sum").item(), rel=1e-5)
-    assert model.target_count(y).item() == 2
-    assert model(x, y, loss_only=True, reduction="sum")[1].item() == pytest.approx(loss.item())
+    assert Objective(model, loss_only=False).count(y).item() == 2
+    assert Objective(model, loss_only=True)(x, y)[0].item() == pytest.approx(loss.item())
     probs = classify.class_probs(model, x, cls_id=8, class_ids=[9, 10, 11])
     assert torch.allclose(probs, torch.softmax(logits, -1), atol=1e-6)
 
 
 def test_mlp_head_config_errors(tmp_path):
-    from common import ConfigError, load_config
+    from settings import ConfigError, load_config
     with pytest.raises(ConfigError, match="prompt_loss_weight"):
         load_config(train.TrainConfig, ["--cls_head=mlp", "--prompt_loss_weight=0.1"])
     with pytest.raises(ConfigError, match="n_class"):

@@ -3,7 +3,7 @@ fused projection; merging equals the adapters; sft.py --lora_rank trains and sav
 (with the base's path and hash), resumes exactly in a new process, refuses a changed base; sample.py
 and export.py (--merge, --format=hf) read the run; peft on transformers' GPT-2 and Llama with the
 same A/B weights gives the same logits."""
-import dataclasses
+import copy
 import os
 import shutil
 
@@ -11,10 +11,12 @@ import pytest
 import torch
 
 import sft
-from checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
-from common import ConfigError, load_config
+from checkpoint import CheckpointError, load_checkpoint, load_model, load_pretrained, save_checkpoint
 from conftest import run_script
-from model import GPT, GPTConfig, LoRALinear, add_adapters, is_adapter
+from engine import generate
+from lora import LoRAConfig, LoRALinear, add_adapters, is_adapter, merge
+from model import GPT, GPTConfig
+from settings import ConfigError, load_config
 from test_sft import CONFIG, read_log, tiny  # noqa: F401  (tiny: the pretrained char run, a fixture)
 from train import TrainConfig
 
@@ -45,12 +47,12 @@ def randomize_adapters(model: GPT, std: float = 0.05, seed: int = 0) -> None:
 def test_new_adapters_leave_the_model_exactly_unchanged(layout):
     torch.manual_seed(0)
     base = GPT(tiny_config(layout)).eval()
-    lora = add_adapters(base, tiny_config(layout, lora_rank=4, lora_targets=ALL, lora_new_tokens_from=36)).eval()
+    lora = add_adapters(copy.deepcopy(base), LoRAConfig(lora_rank=4, lora_targets=ALL, lora_new_tokens_from=36)).eval()
     x = torch.randint(0, 40, (2, 16))
     assert torch.equal(base(x)[0], lora(x)[0])
     trainable = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert trainable and all(is_adapter(n) for n in trainable)
-    assert any(n == "lora_wte" for n in trainable)
+    assert any(n == "transformer.wte.lora_rows" for n in trainable)
     A = lora.transformer.h[0].attn.c_attn.lora_A["q"]
     assert A.abs().sum() > 0  # A random, B zero
     assert lora.transformer.h[0].attn.c_attn.lora_B["q"].abs().sum() == 0
@@ -59,8 +61,7 @@ def test_new_adapters_leave_the_model_exactly_unchanged(layout):
 def test_q_k_v_adapters_touch_only_their_slice():
     """c_attn is one fused Linear: an update on k changes only k's columns (with GQA, fewer)."""
     torch.manual_seed(0)
-    cfg = tiny_config("llama_gqa_untied", lora_rank=2, lora_targets="k")
-    model = GPT(cfg).eval()
+    model = add_adapters(GPT(tiny_config("llama_gqa_untied")), LoRAConfig(lora_rank=2, lora_targets="k")).eval()
     c_attn = model.transformer.h[0].attn.c_attn
     assert isinstance(c_attn, LoRALinear) and list(c_attn.parts) == ["k"]
     x = torch.randn(3, 32)
@@ -79,22 +80,22 @@ def test_q_k_v_adapters_touch_only_their_slice():
 def test_merged_model_computes_what_the_adapters_do(layout):
     """The merged model is plain (lora_rank 0); an adapted head on a tied embedding unties it."""
     torch.manual_seed(0)
-    model = GPT(tiny_config(layout, lora_rank=4, lora_targets=ALL, lora_new_tokens_from=36)).eval()
+    model = add_adapters(GPT(tiny_config(layout)), LoRAConfig(lora_rank=4, lora_targets=ALL, lora_new_tokens_from=36)).eval()
     randomize_adapters(model)
-    merged = model.merged().eval()
-    assert merged.config.lora_rank == 0 and not merged.config.tie_embeddings
+    merged = merge(model).eval()
+    assert not isinstance(merged.lm_head, LoRALinear) and not merged.config.tie_embeddings
     assert not any(is_adapter(k) for k in merged.state_dict())
     x = torch.randint(0, 40, (2, 16))
     with torch.no_grad():
         assert torch.allclose(model(x)[0], merged(x)[0], atol=1e-5)
-        assert model.generate(x[:, :4], 10, temperature=0).tolist() == merged.generate(x[:, :4], 10, temperature=0).tolist()
+        assert generate(model, x[:, :4], 10, temperature=0).tolist() == generate(merged, x[:, :4], 10, temperature=0).tolist()
 
 
 def test_merge_keeps_a_tied_embedding_without_a_head_adapter():
     torch.manual_seed(0)
-    model = GPT(tiny_config("gpt2", lora_rank=2, lora_targets="q,v", lora_new_tokens_from=36)).eval()
+    model = add_adapters(GPT(tiny_config("gpt2")), LoRAConfig(lora_rank=2, lora_targets="q,v", lora_new_tokens_from=36)).eval()
     randomize_adapters(model)
-    merged = model.merged().eval()
+    merged = merge(model).eval()
     assert merged.config.tie_embeddings and merged.lm_head.weight is merged.transformer.wte.weight
     x = torch.randint(0, 40, (2, 16))
     with torch.no_grad():
@@ -103,10 +104,10 @@ def test_merge_keeps_a_tied_embedding_without_a_head_adapter():
 
 def test_lora_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="lora_targets = 'q,attn'.*unknown target 'attn'.*q,k,v,o,mlp_in") as e:
-        GPTConfig(lora_rank=4, lora_targets="q,attn")
+        LoRAConfig(lora_rank=4, lora_targets="q,attn")
     assert e.value.key == "lora_targets"
     with pytest.raises(ConfigError, match="lora_targets = '': empty"):
-        GPTConfig(lora_rank=4, lora_targets="")
+        LoRAConfig(lora_rank=4, lora_targets="")
     with pytest.raises(ConfigError, match="lora_quant = 'nf4'.*CUDA GPU.*remove the key"):
         load_config(TrainConfig, ["--lora_quant=nf4"])
     with pytest.raises(ConfigError, match="lora_rank = -1"):
@@ -131,9 +132,10 @@ def test_sft_lora_trains_and_saves_adapters_only(tiny, lora_run, capsys):  # noq
         ckpt = load_checkpoint(f"weight/lora/{name}")
         assert ckpt["model"] and all(is_adapter(k) for k in ckpt["model"])
         assert ckpt["lora_base"]["path"] == "weight/char_tiny" and len(ckpt["lora_base"]["sha256"]) == 64
-        assert ckpt["model_config"]["lora_rank"] == 4 and ckpt["model_config"]["lora_new_tokens_from"] == 43
+        assert ckpt["lora"]["lora_rank"] == 4 and ckpt["lora"]["lora_new_tokens_from"] == 43
     ckpt = load_checkpoint("weight/lora/ckpt.pt")
-    n_adapter_tensors = len(ckpt["model"])
+    # a tied head shares the embedding's new-token rows: one tensor under two names
+    n_adapter_tensors = len({t.data_ptr() for t in ckpt["model"].values()})
     assert sum(len(opt["state"]) for opt in ckpt["optimizer"]) == n_adapter_tensors
     full = os.path.getsize("weight/sft_char_tiny/ckpt.pt")
     assert os.path.getsize("weight/lora/ckpt.pt") < full / 2
@@ -152,7 +154,7 @@ def test_sample_and_merge_read_the_lora_run(tiny, lora_run):  # noqa: F811
     assert isinstance(model.transformer.h[0].attn.c_attn, LoRALinear)
     run_script("export.py", "--out_dir=weight/lora", "--merge", "--dest=weight/lora_merged")
     merged = load_checkpoint("weight/lora_merged/ckpt.pt")
-    assert merged["model_config"]["lora_rank"] == 0 and "optimizer" not in merged
+    assert "lora" not in merged and "lora_rank" not in merged["model_config"] and "optimizer" not in merged
     assert not any(is_adapter(k) for k in merged["model"])
     outputs = []
     for run in ("weight/lora", "weight/lora_merged"):
@@ -211,9 +213,9 @@ def test_train_py_lora_from_a_run(tiny):  # noqa: F811
     train.main(args)
     ckpt = load_checkpoint("weight/pre_lora/ckpt.pt")
     assert all(is_adapter(k) for k in ckpt["model"]) and ckpt["lora_base"]["path"] == "weight/char_tiny"
-    assert ckpt["model_config"]["lora_new_tokens_from"] == 0  # same tokenizer: no new rows
+    assert ckpt["lora"]["lora_new_tokens_from"] == 0  # same tokenizer: no new rows
     model, _ = load_model("weight/pre_lora")
-    assert model.config.lora_targets == "q,v"
+    assert model.lora.lora_targets == "q,v"
     with pytest.raises(ConfigError, match="lora_rank = 2 trains adapters on pretrained weights"):
         train.main(args[:1] + args[2:-1] + ["--out_dir=weight/scratch_lora", "--init_from=scratch"])
 
@@ -240,7 +242,6 @@ def copy_into_danlu(danlu: GPT, peft_model, hf_names: dict) -> None:
 def test_peft_lora_on_transformers_gives_the_same_logits(tmp_path, family, request):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    import convert
     torch.manual_seed(0)
     if family == "gpt2":
         request.getfixturevalue("gpt2_available")
@@ -268,10 +269,10 @@ def test_peft_lora_on_transformers_gives_the_same_logits(tmp_path, family, reque
         names[("lm_head", "head")] = ("lm_head", None)
         lora_cfg = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
             "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"])
-    config, state, _ = convert.load_pretrained(str(tmp_path))
+    config, state, _ = load_pretrained(str(tmp_path))
     base = GPT(config)
     base.load_state_dict(state)
-    danlu = add_adapters(base, dataclasses.replace(config, lora_rank=4, lora_alpha=8.0, lora_targets=ALL)).eval()
+    danlu = add_adapters(copy.deepcopy(base), LoRAConfig(lora_rank=4, lora_alpha=8.0, lora_targets=ALL)).eval()
     peft_model = peft.get_peft_model(hf, lora_cfg).eval()  # init_lora_weights=False: B random too
     if family == "gpt2":  # one fused c_attn adapter == q, k, v adapters sharing A
         params = dict(peft_model.named_parameters())

@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from model import GPT, GPTConfig, sample_next
+from engine import generate, sample_next
+from model import GPT, GPTConfig
+from train import Objective
 
 V = 61
 SWITCHES = {
@@ -96,8 +98,8 @@ def test_kv_cache_generation_equals_recomputation(name):
     the text fits block_size (past it the cache shifts the context: tests/test_speed.py)."""
     model = tiny(**SWITCHES[name]).eval()
     x = torch.randint(0, V, (2, 5))
-    cached = model.generate(x, 60, temperature=0.0, use_cache=True)
-    full = model.generate(x, 60, temperature=0.0, use_cache=False)
+    cached = generate(model, x, 60, temperature=0.0, use_cache=True)
+    full = generate(model, x, 60, temperature=0.0, use_cache=False)
     assert cached.shape == full.shape == (2, 65)
     fits = model.config.block_size + 1  # the token after a full window still sees all of it
     assert torch.equal(cached[:, :fits], full[:, :fits])
@@ -106,7 +108,7 @@ def test_kv_cache_generation_equals_recomputation(name):
 def test_kv_cache_sampling_same_seed_same_tokens():
     model = tiny(pos_emb="rope").eval()
     x = torch.randint(0, V, (1, 4))
-    outs = [model.generate(x, 20, temperature=1.0, top_k=10, top_p=0.9, use_cache=c,
+    outs = [generate(model, x, 20, temperature=1.0, top_k=10, top_p=0.9, use_cache=c,
                            generator=torch.Generator().manual_seed(7)) for c in (True, False)]
     assert torch.equal(outs[0], outs[1])
 
@@ -114,8 +116,8 @@ def test_kv_cache_sampling_same_seed_same_tokens():
 def test_stop_tokens_end_generation():
     model = tiny().eval()
     x = torch.randint(0, V, (1, 4))
-    first = model.generate(x, 1, temperature=0.0)[0, -1].item()
-    out = model.generate(x, 50, temperature=0.0, stop_tokens=[first])
+    first = generate(model, x, 1, temperature=0.0)[0, -1].item()
+    out = generate(model, x, 50, temperature=0.0, stop_tokens=[first])
     assert out.shape == (1, 5) and out[0, -1].item() == first
 
 
@@ -141,8 +143,8 @@ def test_weighted_loss_and_ignore():
     assert torch.allclose(masked, ce, atol=1e-6)
     w = torch.ones(2, 8)
     w[:, :4] = 0.0
-    _, weighted = model(x, y, w)
-    assert torch.allclose(weighted, ce, atol=1e-6)
+    weighted, _ = Objective(model, loss_only=False)(x, y, w)  # the training loop's weighted sum
+    assert torch.allclose(weighted / w.sum(), ce, atol=1e-6)
 
 
 def test_loss_only_applies_the_head_where_targets_count():
@@ -155,11 +157,10 @@ def test_loss_only_applies_the_head_where_targets_count():
         w = torch.rand(3, 10)
         w[1, :3] = 0.0
         for weights in (None, w):
-            full_logits, full = model(x, y, weights)
+            full, _ = Objective(model, loss_only=False)(x, y, weights)
             g_full = torch.autograd.grad(full, list(model.parameters()))
-            logits, sparse = model(x, y, weights, loss_only=True)
+            sparse, _ = Objective(model, loss_only=True)(x, y, weights)
             g_sparse = torch.autograd.grad(sparse, list(model.parameters()))
-            assert logits is None and full_logits.shape == (3, 10, V)
             assert torch.allclose(sparse, full, atol=1e-6)
             assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_full, g_sparse))
 
@@ -185,3 +186,15 @@ def test_bad_config_is_rejected():
         GPTConfig(n_head=4, n_kv_head=3, n_embd=32)
     with pytest.raises(ValueError, match="block_size"):
         tiny()(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_plain_generate_is_nanogpts_loop():
+    """model.generate (KV cache while the window has room, then nanoGPT's crop) gives the tokens
+    of the engine's exact reference (no cache: the last block_size tokens each step), also past
+    the window, greedy and sampled."""
+    model = tiny(block_size=16).eval()
+    x = torch.randint(0, V, (2, 5))
+    assert torch.equal(model.generate(x, 30, temperature=0.0), generate(model, x, 30, temperature=0.0, use_cache=False))
+    a = model.generate(x, 20, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(3))
+    b = generate(model, x, 20, temperature=1.0, top_k=5, use_cache=False, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)

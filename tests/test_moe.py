@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from engine import generate
 import train
 from checkpoint import load_checkpoint
-from common import ConfigError
+from settings import ConfigError
 from conftest import run_script
 from convert import ConvertError
 from model import GPT, GPTConfig, MoE
@@ -79,9 +80,10 @@ def test_forward_leaves_the_aux_loss_and_the_loss_is_cross_entropy_alone():
     x, y = torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 16))
     logits, loss = model(x, y)
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(logits.view(-1, 40), y.view(-1)))
-    assert 1.0 <= model.aux_loss.item() <= 4.0
-    _, total = model(x, y, reduction="sum")
-    assert model.aux_loss.item() == pytest.approx(32 * model.balance_loss(torch.ones(2, 16), "mean").item())
+    total, aux = train.Objective(model, loss_only=False)(x, y)  # the training loop's sums
+    assert 1.0 <= aux.item() / 32 <= 4.0
+    assert aux.item() == pytest.approx(32 * model.balance_loss(torch.ones(2, 16), "mean").item())
+    assert total.item() == pytest.approx(32 * loss.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
@@ -101,12 +103,12 @@ def test_kv_cache_generation_equals_full_recomputation():
     torch.manual_seed(0)
     model = GPT(moe_config(moe_shared_expert=True, pos_emb="rope", norm="rmsnorm", mlp="swiglu")).eval()
     x = torch.randint(0, 40, (2, 5))
-    a = model.generate(x, 12, temperature=0.0, use_cache=True)  # fills block_size 16
-    b = model.generate(x, 12, temperature=0.0, use_cache=False)
+    a = generate(model, x, 12, temperature=0.0, use_cache=True)  # fills block_size 16
+    b = generate(model, x, 12, temperature=0.0, use_cache=False)
     assert a.tolist() == b.tolist()
     g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
-    a = model.generate(x, 10, temperature=1.0, use_cache=True, generator=g1)
-    b = model.generate(x, 10, temperature=1.0, use_cache=False, generator=g2)
+    a = generate(model, x, 10, temperature=1.0, use_cache=True, generator=g1)
+    b = generate(model, x, 10, temperature=1.0, use_cache=False, generator=g2)
     assert a.tolist() == b.tolist()
 
 
@@ -139,8 +141,12 @@ def test_aux_loss_is_logged_and_micro_batching_does_not_change_it(tmp_path, monk
         a, b = ([r[key] for r in log] for log in logs)
         assert np.allclose(a, b, rtol=1e-5, atol=1e-6), (key, a, b)
     assert all(1.0 <= r["aux_loss"] <= 4.0 for r in logs[0])
+    # 8 x 1 and 4 x 2 add the same terms in another order: float32 gradients differ by ~1e-7
+    # relative, and AdamW divides by sqrt(v), so where v is tiny such a difference moves a weight
+    # by up to ~lr * 1e-3 per step. 3 steps at lr 1e-3 bound that by ~1e-5 on any CPU (an Intel
+    # Xeon with AMX measured 3.3e-6; an AMD EPYC under 1e-6).
     wa, wb = (load_checkpoint(f"weight/{n}")["model"] for n in "ab")
-    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert all(torch.allclose(wa[k], wb[k], rtol=0, atol=1e-5) for k in wa)
 
 
 def test_moe_resume_in_a_new_process_and_sampling(tmp_path, monkeypatch):

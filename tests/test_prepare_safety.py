@@ -184,13 +184,13 @@ def test_binary_files_are_named_with_their_line(workdir):
 
 
 def test_classify_jsonl_with_bad_utf8_names_file_and_line(workdir):
-    """sample.py --classify --jsonl FILE reads FILE with tiny_cls.read_jsonl."""
+    """sample.py --classify --jsonl FILE reads FILE with tiny_cls.read_token_examples."""
     prepare_tiny_cls(1)
     tok = tokenizer.from_meta(tokenizer.load_meta("data/ds"))
     good = '{"tokens": "<IMG> <Z_000> </IMG>", "label": 1}\n'.encode()
     (workdir / "eval.jsonl").write_bytes(good + b'{"tokens": "<IMG> \xe9 </IMG>", "label": 1}\n')
     with pytest.raises(DataError, match=r"eval\.jsonl:2: not UTF-8 text \(byte 0xe9\)"):
-        tiny_cls.read_jsonl("eval.jsonl", tok)
+        tiny_cls.read_token_examples("eval.jsonl", tok)
 
 
 def test_sft_json_array_with_bad_utf8_names_file_and_line(workdir):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import convert
 import sft
 import train
@@ -40,7 +41,7 @@ def llama_folder(tmp_path, monkeypatch):
 
 
 def test_continued_pretraining_from_a_hugging_face_folder(llama_folder):
-    before = convert.load_pretrained("hf")[1]
+    before = checkpoint.load_pretrained("hf")[1]
     args = ["--init_from=hf", "--dataset=corpus", "--device=cpu", "--block_size=32", "--batch_size=4",
             "--max_iters=4", "--eval_interval=2", "--eval_iters=2", "--learning_rate=1e-3",
             "--warmup_iters=0", "--out_dir=weight/cont"]

@@ -12,10 +12,11 @@ import sft
 import tokenizer
 import train
 from checkpoint import load_checkpoint
-from common import ConfigError
+from settings import ConfigError
 from conftest import ROOT, run_script
 from data import BinWriter
-from model import GPT, GPTConfig, grow_vocab
+from checkpoint import grow_vocab
+from model import GPT, GPTConfig
 from prepare.sft import build_sft_dataset
 
 CONFIG = os.path.join(ROOT, "config", "sft_char_tiny.py")

@@ -3,6 +3,7 @@ window with a shifted KV cache, the CPU bf16 decision, fused AdamW, the cached m
 import pytest
 import torch
 
+from engine import generate
 from model import GPT, GPTConfig
 
 V = 37
@@ -35,7 +36,7 @@ def test_past_the_window_each_token_is_an_exact_crop(kw, prompt_len):
     model = tiny(**kw)
     block = model.config.block_size
     x = torch.randint(0, V, (2, prompt_len))
-    out = model.generate(x, 40, temperature=0.0, use_cache=True)
+    out = generate(model, x, 40, temperature=0.0, use_cache=True)
     lengths = shifted_windows(prompt_len, 40, block)
     assert min(lengths) >= block - block // 4 or prompt_len < block
     for i, L in enumerate(lengths):
@@ -51,78 +52,78 @@ def test_within_the_window_cache_equals_exact_crop_then_differs_only_in_window()
     model = tiny(pos_emb="rope")
     x = torch.randint(0, V, (1, 1))
     block = model.config.block_size
-    cached = model.generate(x, 30, temperature=0.0, use_cache=True)
-    crop = model.generate(x, 30, temperature=0.0, use_cache=False)
+    cached = generate(model, x, 30, temperature=0.0, use_cache=True)
+    crop = generate(model, x, 30, temperature=0.0, use_cache=False)
     assert torch.equal(cached[:, :block + 1], crop[:, :block + 1])
 
 
 def test_sampling_past_the_window_is_reproducible_and_stops():
     model = tiny()
     x = torch.randint(0, V, (2, 4))
-    runs = [model.generate(x, 30, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
+    runs = [generate(model, x, 30, temperature=1.0, top_k=5, generator=torch.Generator().manual_seed(1))
             for _ in range(2)]
     assert runs[0].shape == (2, 34) and torch.equal(runs[0], runs[1])
-    first = model.generate(x[:1], 20, temperature=0.0)[0, 19].item()  # a token past the window
-    out = model.generate(x[:1], 30, temperature=0.0, stop_tokens=[first])
+    first = generate(model, x[:1], 20, temperature=0.0)[0, 19].item()  # a token past the window
+    out = generate(model, x[:1], 30, temperature=0.0, stop_tokens=[first])
     assert out[0, -1].item() == first and out.size(1) <= 4 + 20
 
 
 def test_block_size_one_still_generates():
     model = tiny(block_size=1)
-    out = model.generate(torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
+    out = generate(model, torch.zeros(1, 1, dtype=torch.long), 5, temperature=0.0)
     assert out.shape == (1, 6)
 
 
 # ----------------------------------------------------------------------------- dtype = auto on a CPU
 
 def cpu_run(dtype="float32"):
-    import common
-    return common.setup_runtime("cpu", dtype)
+    import runtime
+    return runtime.setup_runtime("cpu", dtype)
 
 
 def wide(**kw) -> GPT:
-    return tiny(n_embd=128, n_head=2, **kw).train()
+    return tiny(n_embd=256, n_head=2, **kw).train()  # BF16_MIN_WIDTH: narrower keeps float32 unmeasured
 
 
 def test_explicit_dtype_and_narrow_models_and_cpus_without_bf16_keep_float32(monkeypatch):
-    import common
-    monkeypatch.setattr(common, "probe_step_seconds", lambda *a, **k: pytest.fail("measured"))
-    run = common.resolve_cpu_dtype(cpu_run(), wide(), 4, 12, "float32")  # explicit: untouched
+    import runtime
+    monkeypatch.setattr(runtime, "probe_step_seconds", lambda *a, **k: pytest.fail("measured"))
+    run = runtime.resolve_cpu_dtype(cpu_run(), wide(), 4, 12, "float32")  # explicit: untouched
     assert run.dtype == "float32"
-    monkeypatch.setattr(common, "cpu_info", lambda: ("a CPU with bf16", True))
-    assert common.resolve_cpu_dtype(cpu_run(), tiny(), 4, 12, "auto").dtype == "float32"  # n_embd 16
-    monkeypatch.setattr(common, "cpu_info", lambda: ("a CPU without bf16", False))
-    assert common.resolve_cpu_dtype(cpu_run(), wide(), 4, 12, "auto").dtype == "float32"
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("a CPU with bf16", True))
+    assert runtime.resolve_cpu_dtype(cpu_run(), tiny(), 4, 12, "auto").dtype == "float32"  # n_embd 16
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("a CPU without bf16", False))
+    assert runtime.resolve_cpu_dtype(cpu_run(), wide(), 4, 12, "auto").dtype == "float32"
 
 
 def test_the_probe_picks_the_faster_dtype_once_and_caches_it(tmp_path, monkeypatch, capsys):
-    import common
+    import runtime
     monkeypatch.setenv("DANLU_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(common, "cpu_info", lambda: ("a CPU with bf16", True))
+    monkeypatch.setattr(runtime, "cpu_info", lambda: ("a CPU with bf16", True))
     probes = []
 
     def fake_probe(model, rows, seq_len, autocast, steps=2):
         probes.append(rows * seq_len)
         return 0.5 if isinstance(autocast, torch.autocast) else 1.0  # bf16 twice as fast
-    monkeypatch.setattr(common, "probe_step_seconds", fake_probe)
-    run = common.resolve_cpu_dtype(cpu_run("auto"), wide(), 4, 12, "auto")
+    monkeypatch.setattr(runtime, "probe_step_seconds", fake_probe)
+    run = runtime.resolve_cpu_dtype(cpu_run("auto"), wide(), 4, 12, "auto")
     assert run.dtype == "bfloat16" and run.ptdtype == torch.bfloat16 and isinstance(run.autocast, torch.autocast)
     assert probes == [48, 48] and "bfloat16" in capsys.readouterr().out
     assert (tmp_path / "cpu_dtype.json").exists()
-    run = common.resolve_cpu_dtype(cpu_run("auto"), wide(), 4, 12, "auto")  # cached: no probe
+    run = runtime.resolve_cpu_dtype(cpu_run("auto"), wide(), 4, 12, "auto")  # cached: no probe
     assert run.dtype == "bfloat16" and len(probes) == 2
-    common.resolve_cpu_dtype(cpu_run("auto"), wide(), 1000, 12, "auto")  # capped at PROBE_TOKENS
-    assert probes[-1] <= common.PROBE_TOKENS
+    runtime.resolve_cpu_dtype(cpu_run("auto"), wide(), 1000, 12, "auto")  # capped at PROBE_TOKENS
+    assert probes[-1] <= runtime.PROBE_TOKENS
 
 
 def test_the_probe_leaves_weights_gradients_and_generator_alone():
-    import common
+    import runtime
     model = wide(dropout=0.1)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    seconds = common.probe_step_seconds(model, 2, 12, torch.autocast("cpu", dtype=torch.bfloat16), steps=1)
+    seconds = runtime.probe_step_seconds(model, 2, 12, torch.autocast("cpu", dtype=torch.bfloat16), steps=1)
     assert seconds > 0 and torch.equal(torch.rand(3), expected)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters()) and model.training
@@ -147,11 +148,11 @@ def test_adamw_is_fused_on_cpu_and_falls_back_where_torch_has_no_kernel(monkeypa
 
 
 def test_the_matmul_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
-    import common
+    import runtime
     monkeypatch.setenv("DANLU_CACHE_DIR", str(tmp_path))
     calls = []
-    monkeypatch.setattr(common, "measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 1e9)
-    assert common.peak_flops("cpu", "float32") == 1e9
-    assert common.peak_flops("cpu", "float32") == 1e9 and calls == [torch.float32]
-    common.peak_flops("cpu", "bfloat16")
+    monkeypatch.setattr(runtime, "measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 1e9)
+    assert runtime.peak_flops("cpu", "float32") == 1e9
+    assert runtime.peak_flops("cpu", "float32") == 1e9 and calls == [torch.float32]
+    runtime.peak_flops("cpu", "bfloat16")
     assert calls == [torch.float32, torch.bfloat16]

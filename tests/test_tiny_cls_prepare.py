@@ -12,7 +12,7 @@ import tokenizer
 from conftest import shared_path
 from data import DataError
 from prepare import tiny_cls
-from prepare.codebook import encode_images, load_codebook
+from images import encode_images, load_codebook
 
 
 def prepare(tmp_path, monkeypatch, *argv) -> str:
@@ -201,7 +201,7 @@ def test_read_jsonl_with_a_checkpoint_tokenizer(tmp_path, monkeypatch):
     data_dir = prepare(tmp_path, monkeypatch, "--jsonl", train, "--vocab", vocab, "--val_jsonl",
                        val)
     _, tok = load(data_dir)
-    seqs, labels = tiny_cls.read_jsonl(val, tok)
+    seqs, labels = tiny_cls.read_token_examples(val, tok)
     assert labels == [0, 7]
     assert tok.decode(seqs[0]).split() == "<IMG> <Z_000> <UNK> </IMG> <CLS> <CLS_0> <EOS>".split()
 
@@ -219,7 +219,7 @@ def test_jsonl_malformed_line_names_file_and_line(tmp_path, line, problem):
     path = write_jsonl(tmp_path / "bad.jsonl", [good, "", line])
     tok, _ = tiny_cls.load_vocab(vocab)
     with pytest.raises(DataError, match=f"bad.jsonl:3: .*{problem}"):
-        tiny_cls.read_jsonl(path, tok)
+        tiny_cls.read_token_examples(path, tok)
 
 
 def test_jsonl_split_is_stratified_and_vocab_ids_checked(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ import classify
 import sample
 import tokenizer
 import train
-from common import load_model
+from checkpoint import load_model
 from conftest import ROOT
 from data import Examples
 from model import GPTConfig

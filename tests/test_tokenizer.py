@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from engine import generate
 import tokenizer
 from tokenizer import (CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, CharTokenizer, StreamDecoder,
                        TiktokenTokenizer, VocabTokenizer, from_meta)
@@ -206,8 +207,8 @@ def test_sampling_never_writes_a_broken_character():
     """A random model over a byte-level vocabulary writes broken UTF-8 at once; with the
     automaton (what sample, chat, serve and eval use) its text has no U+FFFD."""
     import torch
-    from model import GPT, GPTConfig, constraint_distance
-    from sample import utf8_constraint
+    from engine import constraint_distance, utf8_constraint
+    from model import GPT, GPTConfig
     from tokenizer import BPETokenizer
     tok = BPETokenizer([bytes([i]) for i in range(256)] + ["你".encode(), "好".encode()[:2]], r"\S+|\s+")
     tok.add_special_tokens([END_OF_TURN])
@@ -219,8 +220,8 @@ def test_sampling_never_writes_a_broken_character():
     assert constraint_distance(constraint.long()).tolist() == [0, 1, 2, 2, 2, 3, 3, 3]
     for guard in (None, constraint):
         for n in (300, 1, 2, 3, 4, 5):  # the text must end whole however short the budget
-            out = model.generate(prompt, n, temperature=2.0, generator=torch.Generator().manual_seed(n),
-                                 constraint=guard)[0, 1:].tolist()
+            out = generate(model, prompt, n, temperature=2.0, generator=torch.Generator().manual_seed(n),
+                           constraint=guard)[0, 1:].tolist()
             if n == 300:
                 assert ("\ufffd" in tok.decode(out)) == (guard is None)
             elif guard is not None:

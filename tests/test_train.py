@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import train
-from common import ConfigError, load_config, load_model
+from checkpoint import load_model
+from settings import ConfigError, load_config
 from conftest import ROOT, TINY, make_char_dataset, read_log
 from data import DataError
 
@@ -25,7 +26,7 @@ def test_short_run_writes_checkpoint_log_and_config(tiny_data):
     assert all({"iter", "elapsed_s"} <= set(r) for r in log)
     assert {"train_loss", "lr", "tok_per_s", "mfu"} <= set(log[1])
     ckpt = torch.load("weight/a/ckpt.pt", weights_only=True)
-    assert ckpt["iter_num"] == 20 and ckpt["format_version"] == 2
+    assert ckpt["iter_num"] == 20 and ckpt["format_version"] == 3
     assert ckpt["tokenizer"]["kind"] == "char" and ckpt["train_config"]["max_iters"] == 20
     assert json.load(open("weight/a/config.json"))["n_layer"] == 2
 
@@ -154,7 +155,7 @@ def test_cpu_runtime_keeps_freed_memory_on_glibc():
     """setup_runtime on CPU asks glibc to reuse freed blocks (2x faster steps with a 50k
     vocabulary, see common.keep_freed_memory); elsewhere it changes nothing and says so."""
     import platform
-    from common import keep_freed_memory
+    from runtime import keep_freed_memory
     expected = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_freed_memory() is expected
     assert keep_freed_memory() is expected  # idempotent: every setup_runtime call may repeat it

@@ -1,17 +1,10 @@
 """
-What every entry point shares: config loading, the device / dtype / DDP runtime, the error
-handling of cli(), rank-0 printing, the training log and stop signals. Checkpoints and atomic
-writes live in checkpoint.py.
-
-Config: defaults are a dataclass whose fields carry their valid values (model.setting);
-`config/<name>.py` is run in a namespace holding those defaults (so it may compute values), then
-`--key=value` overrides apply. Unknown keys, values of the wrong type and values out of range
-are errors that name the key, where it was set, and the fix.
+The run's machine: device, dtype and (under torchrun) the process group, CPU dtype and peak
+measurements kept per machine, rank-0 printing, the training log (log.jsonl, loss.png, progress
+bar, wandb) and stop signals. Settings live in settings.py, files in files.py.
 """
-import ast
 import ctypes
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -19,108 +12,12 @@ import platform
 import signal
 import sys
 import time
-import traceback
-import typing
 from contextlib import nullcontext
 
 import torch
 
-from checkpoint import CheckpointError, atomic_write, load_model  # noqa: F401  (entry points import them here)
-from model import ConfigError  # defined beside the config fields it checks
-
-
-# ----------------------------------------------------------------------------- config
-
-_ACCEPTS = {int: (int,), float: (int, float), bool: (bool,), str: (str,)}
-
-
-def _check_type(cls, key, value, where):
-    """Config fields are int, float, bool or str; an int is accepted for a float."""
-    hint = typing.get_type_hints(cls)[key]
-    ok = isinstance(value, _ACCEPTS[hint]) and (hint is bool or not isinstance(value, bool))
-    if not ok:
-        raise ConfigError(f"{where}: {key} = {value!r} is a {type(value).__name__}, but {key} "
-                          f"takes a {hint.__name__} (default: {getattr(cls(), key)!r})")
-    return float(value) if hint is float else value
-
-
-def _unknown(cls, key, where):
-    names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
-    return ConfigError(f"{where}: unknown config key {key!r}{hint}")
-
-
-def parse_cli_value(text: str):
-    """--key=value: a Python literal when it parses as one, else the plain string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def run_config_file(path: str, namespace: dict) -> None:
-    """Run a flat config file in namespace; a mistake in it is an error naming file:line."""
-    if not path.endswith(".py"):
-        raise ConfigError(f"{path}: a config file is a flat Python file of key = value lines "
-                          "(config/<name>.py); pass other values as --key=value")
-    if not os.path.exists(path):
-        raise ConfigError(f"config file {path} does not exist (configs live in config/)")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    try:
-        exec(compile(source, path, "exec"), {}, namespace)
-    except SyntaxError as e:
-        raise ConfigError(f"{path}:{e.lineno}: {e.msg}: {(e.text or '').strip()!r}") from None
-    except Exception as e:  # a name that is not a key, a failing computation
-        line = next((fr.lineno for fr in traceback.extract_tb(e.__traceback__) if fr.filename == path), "?")
-        raise ConfigError(f"{path}:{line}: {type(e).__name__}: {e} (values are Python "
-                          "literals or expressions of keys set above)") from None
-
-
-def load_config(cls, argv: list[str]):
-    """Build a `cls` dataclass from [config_file.py] [--key=value ...]."""
-    values = {f.name: getattr(cls(), f.name) for f in dataclasses.fields(cls)}
-    where = {}  # key -> the file or "command line" that set it, for error messages
-    args = list(argv)
-    if args and not args[0].startswith("--"):
-        path = args.pop(0)
-        namespace = dict(values)
-        run_config_file(path, namespace)
-        for key, value in namespace.items():
-            if key.startswith("_") or isinstance(value, type(sys)) or callable(value):
-                continue  # imports, helpers and private names in a config are not keys
-            if key not in values:
-                raise _unknown(cls, key, path)
-            if value is not values[key]:
-                values[key], where[key] = _check_type(cls, key, value, path), path
-    hints = typing.get_type_hints(cls)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise ConfigError(f"command line: {arg!r} is not of the form --key=value")
-        key, _, text = arg[2:].partition("=")
-        if key not in values:
-            raise _unknown(cls, key, "command line")
-        if "=" not in arg:  # --flag for a bool, --key value for the rest
-            if hints[key] is bool:
-                text = "True"
-            elif args and not args[0].startswith("--"):
-                text = args.pop(0)
-            else:
-                raise ConfigError(f"command line: --{key} needs a value (--{key}=...)")
-        value = parse_cli_value(text)
-        if hints[key] is str:
-            value = text  # a string key takes the text as written (e.g. --out_dir=123)
-        values[key], where[key] = _check_type(cls, key, value, "command line"), "command line"
-    try:
-        return cls(**values)
-    except ConfigError as e:  # a value out of range: say where it was set
-        raise ConfigError(f"{where.get(e.key, 'default')}: {e}", e.key) from None
-
-
-def config_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+from files import atomic_write
+from settings import ConfigError, config_dict
 
 
 # ----------------------------------------------------------------------------- runtime
@@ -137,6 +34,7 @@ class Runtime:
     rank: int
     local_rank: int
     world_size: int
+    threads_note: str = ""  # how many CPU threads and why, for the training log
 
     @property
     def master(self) -> bool:
@@ -167,8 +65,8 @@ def keep_freed_memory() -> bool:
     kernel. A CPU training step frees and reallocates the same large buffers: the logits alone
     are B*T*vocab floats, 400 MB for a GPT-2 vocabulary at batch 8 x 256. By default glibc maps
     each such block afresh and unmaps it on free, so every step pays page faults and zeroing in
-    the kernel: measured 2x slower on the GPT-2-BPE base of config/pretrain_gpt2_small_cpu.py
-    (1,627 vs 795 ms/iter). One arena keeps every thread on the same reusable heap. The cost:
+    the kernel: 2x slower steps on the GPT-2-BPE base of config/pretrain_gpt2_small_cpu.py
+    (docs/lab-notes.md). One arena keeps every thread on the same reusable heap. The cost:
     RSS stays at its peak. True when set; False off glibc (macOS, musl), where nothing changes."""
     if not sys.platform.startswith("linux"):
         return False
@@ -181,11 +79,28 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(option, value) == 1 for option, value in settings)
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
-    """Device, precision and (under torchrun) the process group: NCCL on CUDA, gloo on CPU."""
+def pick_threads(requested: int = 0) -> tuple[int, str]:
+    """(CPU threads for torch, why): --threads when given, else OMP_NUM_THREADS when set, else
+    the cores this process may use less those other work keeps busy (the 1-minute load
+    average). On a shared machine torch's default (every core) collapses: a 2-core VM with
+    another job running trained 3-10x slower at 2 threads than at 1 (docs/lab-notes.md)."""
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(cores, round(cores - busy)))
+    return threads, f"{cores} cores, load {busy:.1f}" + (": the rest are busy" if threads < cores else "")
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtime:
+    """Device, precision, CPU threads and (under torchrun) the process group: NCCL on CUDA,
+    gloo on CPU."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     device = pick_device(device)
+    threads_note = ""
     if ddp:
         import torch.distributed as dist
         rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
@@ -208,9 +123,13 @@ def setup_runtime(device: str = "auto", dtype: str = "auto") -> Runtime:
         torch.backends.cudnn.allow_tf32 = True
     elif device_type == "cpu":
         keep_freed_memory()
+        n, why = pick_threads(threads)
+        torch.set_num_threads(n)
+        threads_note = f"{n} CPU thread{'s' if n > 1 else ''} ({why}; --threads=N to choose)"
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=ptdtype)
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    return Runtime(device, device_type, dtype, ptdtype, autocast, scaler, ddp, rank, local_rank, world_size)
+    return Runtime(device, device_type, dtype, ptdtype, autocast, scaler, ddp, rank, local_rank, world_size,
+                   threads_note)
 
 
 # ----------------------------------------------------------------------------- measured once per machine
@@ -288,11 +207,11 @@ def peak_flops(device: str, dtype: str) -> float:
     return peak
 
 
-# Narrower models train slower under CPU bf16 autocast: the casts cost more than the bf16
-# matmuls save (3 x 96 speedrun model: 0.91x; 4 x 128: 1.09x; 6 x 384: 1.77x; one thread).
-BF16_MIN_WIDTH = 128
+# Narrower models train no faster under CPU bf16 autocast: the casts cost what the bf16 matmuls
+# save (docs/lab-notes.md, "bf16 on a CPU": 128 wide is a wash, 384 wide about 2x).
+BF16_MIN_WIDTH = 256
 BF16_MIN_SPEEDUP = 1.1  # below this the gain is within the noise, not worth bf16's rounding
-PROBE_TOKENS = 2048  # a probe step runs at most this many tokens (6 x 384 at 64 x 256: 17 s a step)
+PROBE_TOKENS = 2048  # a probe step runs at most this many tokens: seconds, not minutes, on wide models
 
 
 def probe_step_seconds(model, rows: int, seq_len: int, autocast, steps: int = 2) -> float:
@@ -308,7 +227,7 @@ def probe_step_seconds(model, rows: int, seq_len: int, autocast, steps: int = 2)
     for i in range(steps + 1):
         t0 = time.perf_counter()
         with autocast:
-            loss = model(x, x, reduction="sum")[1]
+            loss = model(x, x)[1]
         loss.backward()
         if i:
             best = min(best, time.perf_counter() - t0)
@@ -317,28 +236,36 @@ def probe_step_seconds(model, rows: int, seq_len: int, autocast, steps: int = 2)
     return best
 
 
-def resolve_cpu_dtype(run: Runtime, model, batch_size: int, seq_len: int, requested: str) -> Runtime:
-    """dtype = auto on a CPU: bf16 autocast where it trains this model faster, else float32.
+def resolve_cpu_dtype(run: Runtime, model, batch_size: int, seq_len: int, requested: str,
+                      previous: str | None = None) -> Runtime:
+    """The run's dtype, said in one line. dtype = auto on a CPU: bf16 autocast where it trains
+    this model faster, else float32. A resumed run keeps the dtype it started with (previous).
     CPUs without bf16 instructions and models narrower than BF16_MIN_WIDTH keep float32 without
     measuring; otherwise a few forward + backward steps of the model's own shapes are timed
-    each way (at most PROBE_TOKENS tokens a step) and the choice is kept per (machine, model
-    shape, batch) in cpu_dtype.json. run is updated in place, so every holder of it (the
-    evaluation hooks) computes in the chosen dtype; under DDP bf16 only if every rank chose it."""
+    each way (at most PROBE_TOKENS tokens a step, announced first) and the choice is kept per
+    (machine, model shape, batch) in cpu_dtype.json. run is updated in place, so every holder
+    of it (the evaluation hooks) computes in the chosen dtype; under DDP bf16 only if every
+    rank chose it."""
     if run.device_type != "cpu" or requested != "auto":
+        print0(f"dtype {run.dtype}" + (" (--dtype)" if requested != "auto" else f" (auto on {run.device_type})"))
         return run
     cfg = model.config
     cpu, has_bf16 = cpu_info()
-    if not has_bf16:
+    if previous in ("float32", "bfloat16"):
+        choice, why = previous, "kept from the checkpoint this run resumes"
+    elif not has_bf16:
         choice, why = "float32", f"the CPU ({cpu}) has no bf16 instructions"
     elif cfg.n_embd < BF16_MIN_WIDTH:
-        choice, why = "float32", f"n_embd {cfg.n_embd} < {BF16_MIN_WIDTH}: bf16 casts cost more than they save"
+        choice, why = "float32", f"n_embd {cfg.n_embd} < {BF16_MIN_WIDTH}: bf16 casts cost what they save"
     else:
         rows = max(1, min(batch_size, PROBE_TOKENS // seq_len))
         shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_kv_head", "n_embd", "mlp", "mlp_hidden",
-                                              "vocab_size", "n_expert", "moe_top_k", "lora_rank")}
+                                              "vocab_size", "n_expert", "moe_top_k")}
         key = f"{machine_key('cpu')}, {json.dumps(shape, sort_keys=True)}, batch {rows} x {seq_len}"
         seconds = read_cache("cpu_dtype.json").get(key)
         if seconds is None:
+            print0(f"dtype auto: timing a {rows} x {seq_len} step in float32 and in bf16 on this model, once "
+                   f"(kept in {cache_path('cpu_dtype.json')}; --dtype=float32 skips it)")
             seconds = {"float32": probe_step_seconds(model, rows, seq_len, nullcontext()),
                        "bfloat16": probe_step_seconds(model, rows, seq_len, torch.autocast("cpu", dtype=torch.bfloat16))}
             write_cache("cpu_dtype.json", key, seconds)
@@ -349,7 +276,7 @@ def resolve_cpu_dtype(run: Runtime, model, batch_size: int, seq_len: int, reques
     if run.ddp:
         votes = all_reduce_sum(torch.tensor([float(choice == "bfloat16")]), run)
         choice = "bfloat16" if votes.item() == run.world_size else "float32"
-    print0(f"dtype auto on this CPU: {choice} ({why})")
+    print0(f"dtype {choice} (auto on this CPU: {why})")
     run.dtype, run.ptdtype = choice, getattr(torch, choice)
     run.autocast = nullcontext() if choice == "float32" else torch.autocast("cpu", dtype=torch.bfloat16)
     return run
@@ -381,20 +308,6 @@ def measure_matmul_flops(device: str, dtype=torch.float32, n: int = 1024, second
         sync_device(device)
         best = min(best, (time.perf_counter() - t0) / 4)
     return 2 * n ** 3 / best
-
-
-def cli(main) -> None:
-    """Run an entry point's main(); a user error (bad config, data or checkpoint) prints one
-    clear line and exits 1 instead of a traceback. DANLU_DEBUG=1 shows the traceback."""
-    try:
-        main()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # under torchrun: leave the group cleanly
-    except (ConfigError, CheckpointError, ValueError, RuntimeError, OSError) as e:
-        if os.environ.get("DANLU_DEBUG"):
-            raise
-        print(f"error: {e}\n(set DANLU_DEBUG=1 for the full traceback)", file=sys.stderr)
-        sys.exit(1)
 
 
 def print0(*args, **kwargs) -> None:
@@ -535,6 +448,8 @@ class StopSignal:
         if self.raised is not None:
             raise KeyboardInterrupt
         self.raised = signal.Signals(signum).name
+        print0(f"\n{self.raised}: stopping after this step, then saving ckpt.pt (again to stop at once, "
+               "losing this step)")
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():

@@ -1,6 +1,8 @@
 """
-Image codebooks for prepare/tiny_cls.py (a helper module, not a script): turn images into the
-codes that become <Z_...> tokens, and back the same way for new images.
+An image as the model reads it: the token format of an example (<IMG> codes </IMG> <CLS>
+<CLS_k> <EOS>), the codebooks that turn pixels into codes (<Z_k> is code k), and the one way an
+image file becomes pixels. prepare/tiny_cls.py writes datasets with it; classify, sample.py
+--classify and the server encode new images and token lists with the same functions.
 
   levels  one code per pixel: its intensity rounded to one of L levels.
   kmeans  one code per non-overlapping PxP patch: the nearest of K centroids fit by k-means
@@ -16,11 +18,18 @@ It also holds the one way an image file becomes pixels (read_image, image_pixels
 the codebook records (size, fit, polarity), so a training image and a classified one cannot
 be preprocessed differently.
 """
+import json
 import os
 
 import numpy as np
 
+import tokenizer
+from data import DataError, decode_utf8, open_input
+
 SEED = 1337
+NUM_CLASSES = 10
+PAD, UNK, IMG, END_IMG, CLS, EOS = "<PAD>", "<UNK>", "<IMG>", "</IMG>", "<CLS>", "<EOS>"
+MARKERS = [PAD, UNK, IMG, END_IMG, CLS, EOS]
 # How far the ink's bounding box reaches across the image in each training set: the UCI
 # digits were scaled to fill their 32x32 box (then pooled to 8x8); MNIST fits each digit
 # in 20 of 28 pixels. fit="ink" codebooks record theirs; older ones are looked up here.
@@ -288,3 +297,152 @@ def image_codebook(meta: dict, data_dir: str) -> dict:
                              "prepare/tiny_cls.py for its dataset again")
         return load_codebook(path)
     return book
+
+
+# ----------------------------------------------------------------------------- the token format
+
+def class_token(k: int) -> str:
+    return f"<CLS_{k}>"
+
+
+def class_tokens(num_classes: int = NUM_CLASSES) -> list[str]:
+    return [class_token(k) for k in range(num_classes)]
+
+
+def code_token(i: int) -> str:
+    return f"<Z_{i:03d}>"
+
+
+def tail_ids(tok, label: int) -> list[int]:
+    return [tok.stoi[END_IMG], tok.stoi[CLS], tok.stoi[class_token(label)], tok.stoi[EOS]]
+
+
+def wrap_codes(tok, codes: list[int], block_size: int) -> list[int]:
+    """Code token ids -> <IMG> codes </IMG> <CLS>, the prefix training examples have before
+    their answer. ValueError when it is longer than the model reads."""
+    ids = [tok.stoi[IMG]] + list(codes) + [tok.stoi[END_IMG], tok.stoi[CLS]]
+    if len(ids) > block_size:
+        raise ValueError(f"tokens: {len(ids)} tokens with the markers; the model reads at most "
+                         f"{block_size}")
+    return ids
+
+
+def token_ids(tok, tokens: list, block_size: int) -> list[int]:
+    """Ids or names of an image's tokens (a tail such as </IMG> <CLS> may be there or not) ->
+    <IMG> codes </IMG> <CLS>, as training saw them. ValueError names the bad entry."""
+    names = tok.tokens
+    for i, t in enumerate(tokens):
+        if isinstance(t, int) and not 0 <= t < len(names):
+            raise ValueError(f"tokens.{i}: id {t} is outside this vocabulary (0..{len(names) - 1})")
+        if isinstance(t, str) and t not in tok.stoi:
+            raise ValueError(f"tokens.{i}: {t!r} is not in this vocabulary")
+    words, _ = split_image([names[t] if isinstance(t, int) else t for t in tokens])
+    if not words:
+        raise ValueError("tokens: no image tokens before the </IMG> <CLS> tail")
+    return wrap_codes(tok, [tok.stoi[w] for w in words], block_size)
+
+
+def image_ids(tok, codebook: dict, pixels: np.ndarray, block_size: int) -> list[int]:
+    """(H, W) pixels (image_pixels) -> <IMG> codes </IMG> <CLS>, encoded
+    exactly as prepare/tiny_cls.py encodes a training image."""
+    codes = encode_images(pixels[None], codebook)[0]
+    first = tok.stoi[code_token(0)]
+    return wrap_codes(tok, [first + int(c) for c in codes], block_size)
+
+
+def parse_line(line: str, where: str, num_classes: int) -> tuple[list[str], int]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(obj, dict) or "tokens" not in obj or "label" not in obj:
+        raise DataError(f'{where}: expected an object with "tokens" and "label"')
+    tokens, label = obj["tokens"], obj["label"]
+    if not isinstance(tokens, str):
+        raise DataError(f'{where}: "tokens" must be a space-separated string')
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise DataError(f'{where}: "label" must be an integer, got {label!r}')
+    if not 0 <= label < num_classes:
+        raise DataError(f'{where}: "label" {label} is outside 0..{num_classes - 1}')
+    return tokens.split(), label
+
+
+def split_image(words: list[str]) -> tuple[list[str], list[str]]:
+    """(image codes, old tail) of a tokenized example: the codes are what precedes the last
+    </IMG> (or, without one, the trailing <CLS>/<CLS_k>/<EOS> tokens), minus a leading <IMG>."""
+    if END_IMG in words:
+        end = len(words) - 1 - words[::-1].index(END_IMG)
+    else:
+        end = len(words)
+        while end and (words[end - 1] in (CLS, EOS) or words[end - 1].startswith("<CLS_")):
+            end -= 1
+    start = 1 if words[:1] == [IMG] else 0
+    return words[start:end], words[end:]
+
+
+def read_token_examples(path: str, tok, max_length: int = 1024, num_classes: int = NUM_CLASSES,
+               stats: dict | None = None) -> tuple[list[list[int]], list[int]]:
+    """(token-id lists, labels) of a JSONL file of {"tokens": "<IMG> ... <EOS>", "label": k}.
+
+    Every tail is rebuilt from the label as </IMG> <CLS> <CLS_k> <EOS> (old files hold <CLS> in
+    the answer slot), tokens tok lacks become <UNK>, and an example longer than max_length loses
+    its start, never its tail. stats, if given, counts each fix. A malformed line raises
+    DataError naming the file and line."""
+    if not isinstance(tok, tokenizer.VocabTokenizer):
+        raise DataError(f"{path}: reading token JSONL needs a vocab tokenizer, not {tok.kind!r}")
+    missing = [t for t in [IMG, END_IMG, CLS, EOS] + class_tokens(num_classes) if t not in tok.stoi]
+    if missing:
+        raise DataError(f"the tokenizer lacks {missing}; it was not made for classification")
+    if max_length < 5:
+        raise ValueError(f"max_length {max_length} cannot hold an image token and the 4-token tail")
+    stats = {} if stats is None else stats
+    for key in ("examples", "unknown_tokens", "fixed_tails", "label_conflicts", "truncated"):
+        stats.setdefault(key, 0)
+    unk = tok.stoi.get(tok.unk_token) if tok.unk_token else None
+    seqs, labels = [], []
+    with open_input(path) as f:  # bytes, so that bad UTF-8 is reported with its line number
+        for lineno, raw in enumerate(f, 1):
+            line = decode_utf8(raw, path, lineno).removeprefix("\ufeff")
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            words, label = parse_line(line, where, num_classes)
+            body, old_tail = split_image(words)
+            if not body:
+                raise DataError(f"{where}: no image tokens before the </IMG> <CLS> tail")
+            unknown = [w for w in body if w not in tok.stoi]
+            if unknown and unk is None:
+                raise DataError(f"{where}: token {unknown[0]!r} is not in the vocabulary")
+            ids = [tok.stoi[IMG]] + [tok.stoi.get(w, unk) for w in body] + tail_ids(tok, label)
+            stats["unknown_tokens"] += len(unknown)
+            stats["fixed_tails"] += words != [IMG, *body, END_IMG, CLS, class_token(label), EOS]
+            stats["label_conflicts"] += any(w.startswith("<CLS_") and w != class_token(label)
+                                            for w in old_tail)
+            if len(ids) > max_length:  # the answer is at the end: cut the start
+                ids = ids[-max_length:]
+                stats["truncated"] += 1
+            seqs.append(ids)
+            labels.append(label)
+    stats["examples"] += len(seqs)
+    return seqs, labels
+
+
+# ----------------------------------------------------------------------------- image files
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_files(folder: str, stats: dict) -> list[str]:
+    """Every image file under folder (any depth), sorted; hidden files are passed over and
+    files without an image extension are counted in stats["not_images"]."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
+                found.append(os.path.join(root, name))
+            else:
+                stats["not_images"] = stats.get("not_images", 0) + 1
+    return found

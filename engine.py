@@ -1,0 +1,273 @@
+"""
+The one way danlu turns a prompt or a conversation into a reply: loading a model for
+inference, fitting a conversation's history to the window, the UTF-8 constraint on byte-level
+tokenizers, the decode loop (KV cache, context shift past the window, top-k / top-p, stop
+tokens), text streamed whole characters at a time, stop strings, and reply(). sample.py,
+serve.py, eval.py and sft.py all decode through here.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from checkpoint import load_model
+from model import GPT
+from runtime import Runtime, setup_runtime
+from settings import ConfigError
+from tokenizer import END_OF_TURN, StreamDecoder, Tokenizer, fit_conversation, from_meta, render_conversation
+
+# Decoding changes the key length every step; cuDNN attention builds a new plan for each new
+# length, which made bf16 generation on an H100 about 20x slower (docs/lab-notes.md). Decode without it.
+DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def load_for_inference(source: str, device: str = "auto", dtype: str = "auto", block_size: int = 0,
+                       threads: int = 0):
+    """(model in eval mode, tokenizer, checkpoint, runtime) for a run folder, a .pt file, a
+    Hugging Face folder or a GPT-2 name; block_size > 0 limits the context it reads."""
+    run = setup_runtime(device, dtype, threads)
+    model, ckpt = load_model(source, run.device)
+    trained = model.config.block_size
+    if block_size > trained:
+        raise ConfigError(f"block_size = {block_size} is larger than the {trained} positions "
+                          f"the checkpoint was trained with; use --block_size={trained} or less", "block_size")
+    if block_size:
+        model.config.block_size = block_size
+    return model, from_meta(ckpt["tokenizer"]), ckpt, run
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
+    """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits / t)
+    restricted to the top_k most likely tokens and the smallest set holding top_p of the mass."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = F.softmax(sorted_logits, dim=-1)
+        # drop a token when the mass before it already reaches top_p (the first always stays)
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def constraint_distance(constraint: Tensor) -> Tensor:
+    """(S,) the fewest tokens that lead from each state of a token automaton (S, V; -1: no
+    move) back to state 0; a state that never returns gets S (more than any real distance)."""
+    S = constraint.size(0)
+    dist = torch.full((S,), S, dtype=torch.long, device=constraint.device)
+    dist[0] = 0
+    for _ in range(S):  # Bellman-Ford: S rounds settle every shortest path
+        via = torch.where(constraint >= 0, dist[constraint.clamp(min=0)] + 1, S)  # (S, V)
+        dist = torch.minimum(dist, via.min(dim=1).values)
+        dist[0] = 0
+    return dist
+
+
+@torch.no_grad()
+def generate_stream(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                     top_k: int | None = None, top_p: float = 1.0, stop_tokens=(),
+                    use_cache: bool = True, generator: torch.Generator | None = None,
+                    constraint: Tensor | None = None):
+    """Yield the next token of each row (B,) for up to max_new_tokens steps, stopping early
+    once every row has produced a stop token (a finished row repeats its stop token).
+    constraint (S, V), a token automaton: every row starts in state 0, may only sample a
+    token t with constraint[state, t] >= 0, and moves to that state; near max_new_tokens only
+    to states from which state 0 is still reachable in the steps left, so the text also ends
+    in state 0 (tokenizer.py's utf8_automaton: a byte-level model never writes, nor stops
+    inside, a broken character).
+
+    Without the cache every step runs the last block_size tokens (nanoGPT's crop): exact,
+    and past the window as slow as a whole forward per token. With the cache each step runs
+    one position while the text fits block_size, with the same tokens as without it. Once
+    the cache is full the context shifts (as llama.cpp's context shift does): the most
+    recent block_size - block_size // 4 tokens are recomputed once, from position 0, and
+    decoding continues one position at a time until the cache is full again. So past the
+    window each token is the model's exact prediction from the last L tokens, L between
+    3/4 of block_size and block_size (nanoGPT always uses block_size), for learned and
+    rotary positions alike; a forward over 3/4 of the window is paid once per block_size // 4
+    tokens instead of a whole window per token. use_cache=False stays the exact reference."""
+    block = model.config.block_size
+    keep = max(1, block - max(1, block // 4))  # tokens kept at a context shift
+    stop = torch.tensor(list(stop_tokens), dtype=torch.long, device=idx.device)
+    done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+    state = torch.zeros(idx.size(0), dtype=torch.long, device=idx.device)  # of the constraint
+    if constraint is not None:
+        constraint = constraint.long()
+        # (S, V): tokens still owed after t is written in state s before state 0 is back;
+        # a forbidden move owes more than any budget, so one comparison per step masks both
+        owed = torch.where(constraint >= 0, constraint_distance(constraint)[constraint.clamp(min=0)],
+                           max_new_tokens)
+    caches, pos = None, 0
+    for step in range(max_new_tokens):
+        with sdpa_kernel(DECODE_BACKENDS):
+            if caches is not None and pos < caches[0].k.size(2):
+                x = model.body(idx[:, -1:], caches, pos)  # one new position
+                pos += 1
+            else:  # the first step, a full cache (shift), or no cache at all
+                context = idx[:, -(block if caches is None else keep):]
+                if use_cache:
+                    caches = caches or model.make_caches(idx.size(0), min(block, idx.size(1) + max_new_tokens))
+                x = model.body(context, caches if use_cache else None, 0)
+                pos = context.size(1)
+        logits = model.head(x[:, -1, :]).float()  # (B, V)
+        if constraint is not None:  # tokens still to come after this one: max_new_tokens - step - 1
+            logits = logits.masked_fill(owed[state] > max_new_tokens - step - 1, float("-inf"))
+        next_token = sample_next(logits, temperature, top_k, top_p, generator)
+        if constraint is not None:
+            state = constraint[state, next_token].clamp(min=0)  # a finished row may be anywhere
+        if stop.numel():
+            next_token = torch.where(done, idx[:, -1], next_token)
+            done |= torch.isin(next_token, stop)
+        idx = torch.cat([idx, next_token[:, None]], dim=1)
+        yield next_token
+        if stop.numel() and bool(done.all()):
+            return
+
+
+@torch.no_grad()
+def generate(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float = 1.0, stop_tokens=(), use_cache: bool = True,
+             generator: torch.Generator | None = None, constraint: Tensor | None = None) -> Tensor:
+    """idx (B, T) -> (B, T + n) with n <= max_new_tokens new tokens; temperature 0 is greedy."""
+    new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens,
+                               use_cache, generator, constraint))
+    return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+# ----------------------------------------------------------------------------- text
+
+def utf8_constraint(tok, vocab_size: int, device) -> torch.Tensor | None:
+    """The tokenizer's UTF-8 automaton over the model's vocab_size ids (the padding ids past the
+    tokenizer's are never written), or None for tokenizers of whole characters."""
+    after = tok.utf8_automaton
+    if after is None:
+        return None
+    table = torch.full((after.shape[0], vocab_size), -1, dtype=torch.int8)
+    table[:, :after.shape[1]] = torch.from_numpy(after[:, :vocab_size])
+    return table.to(device)
+
+
+def decode_stream(model, tok, ids: list[int], run, generator, max_new_tokens: int, temperature: float,
+                  top_k: int, top_p: float, stop_tokens=(), use_cache: bool = True, utf8: bool = True):
+    """Generate after ids, one token at a time: yield (token id, the text it completes; "" while
+    a multi-byte character is still partial). A stop token is yielded with "" and ends the
+    stream; the last item is (None, whatever the decoder still held). sample.py prints these
+    pieces, serve.py streams them. utf8=False turns the UTF-8 constraint off (to match another
+    implementation token for token)."""
+    x = torch.tensor([ids], dtype=torch.long, device=run.device)
+    decoder = StreamDecoder(tok)
+    constraint = utf8_constraint(tok, model.config.vocab_size, run.device) if utf8 else None
+    tokens = generate_stream(model, x, max_new_tokens, temperature, top_k or None, top_p, stop_tokens,
+                             use_cache, generator, constraint)
+    while True:
+        with run.autocast:
+            t = next(tokens, None)
+        if t is None:
+            break
+        t = int(t[0])
+        if t in stop_tokens:
+            yield t, ""
+            break
+        yield t, decoder.feed(t)
+    yield None, decoder.flush()
+
+
+class StopStrings:
+    """Cuts streamed text at the first stop string to appear. Text that could be the start of
+    a stop string waits until the next piece settles it, so none is ever sent. Each stop string
+    is matched incrementally (Knuth-Morris-Pratt: per stop, the length of its longest prefix the
+    text ends with), so a piece costs its own length, however long the stop strings are;
+    re-scanning the held text for every prefix cost O(length^2) per token."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.fallback = [self.prefix_table(s) for s in self.stops]
+        self.matched = [0] * len(self.stops)  # per stop: how much of it the text ends with
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text that is safe to send, whether a stop string was found)."""
+        text, start = self.held + text, len(self.held)
+        for i in range(start, len(text)):
+            matched = [self.advance(j, text[i]) for j in range(len(self.stops))]
+            ends = [k for k, s in zip(matched, self.stops) if k == len(s)]
+            if ends:  # cut before the longest stop string ending here: none of it is sent
+                self.held, self.matched = "", [0] * len(self.stops)
+                return text[:i + 1 - max(ends)], True
+        keep = max(self.matched, default=0)  # the longest tail that may still start a stop string
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep], False
+
+    def advance(self, j: int, c: str) -> int:
+        """How much of stop string j the text ends with, once c is added to it."""
+        stop, k = self.stops[j], self.matched[j]
+        while k and stop[k] != c:
+            k = self.fallback[j][k - 1]
+        self.matched[j] = k = k + (stop[k] == c)
+        return k
+
+    def flush(self) -> str:
+        text, self.held, self.matched = self.held, "", [0] * len(self.stops)
+        return text
+
+    @staticmethod
+    def prefix_table(s: str) -> list[int]:
+        """KMP's table: [k] is the length of the longest proper prefix of s[:k + 1] that is also
+        its suffix, where matching carries on when the character after s[:k + 1] differs."""
+        table, k = [0] * len(s), 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = table[k - 1]
+            k += s[i] == s[k]
+            table[i] = k
+        return table
+
+
+# ----------------------------------------------------------------------------- conversations
+
+def fit_history(tok, system: list[dict], history: list[dict], budget: int) -> tuple[list[dict], list[int]]:
+    """(history kept, prompt ids of at most budget tokens) for system + history + a generation
+    prompt. Whole exchanges go oldest first, as prepare/sft.py cuts training data. When even the
+    newest user turn does not fit, the system turn goes too and the turn keeps its last tokens."""
+    fitted = fit_conversation(tok, system + history, budget, add_generation_prompt=True)
+    if fitted is not None:
+        return fitted[0][len(system):], fitted[1]
+    turn = history[-1]
+    ids = render_conversation(tok, [turn], add_generation_prompt=True)[0]  # <|user|> ... <|end|> <|assistant|>
+    if len(ids) <= budget:
+        print("(the system prompt does not fit beside this message: left out for this turn)", file=sys.stderr)
+        return [turn], ids
+    print(f"(your message is {len(ids) - 3} tokens; the model reads its last {budget - 3})", file=sys.stderr)
+    return [turn], ids[:1] + ids[len(ids) - budget + 1:]
+
+
+def reply(model: GPT, tok: Tokenizer, ids: list[int], max_new_tokens: int, run: Runtime,
+          utf8: bool = True) -> str:
+    """The greedy reply after prompt ids (a conversation rendered up to the assistant's start),
+    cut at the end of the turn. The reply gets at most half the window; a longer prompt keeps
+    its last tokens. What eval.py scores and sft.py logs, decoded as chat and serve decode."""
+    end = tok.token_id(END_OF_TURN)
+    block = model.config.block_size
+    budget = min(max_new_tokens, block // 2)
+    ids = ids[-(block - budget):]
+    x = torch.tensor([ids], dtype=torch.long, device=run.device)
+    constraint = utf8_constraint(tok, model.config.vocab_size, run.device) if utf8 else None
+    with run.autocast:
+        out = generate(model, x, budget, temperature=0.0, stop_tokens=(end,), constraint=constraint)[0, len(ids):].tolist()
+    return tok.decode(out[:out.index(end)] if end in out else out)
+
+
+def user_prompt(tok: Tokenizer, text: str) -> list[int]:
+    """One user turn rendered up to the assistant's start."""
+    return render_conversation(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
