@@ -161,6 +161,8 @@ def chat(cfg: SampleConfig) -> None:
             print(CHAT_HELP)
             continue
         if not text:
+            if not interactive:
+                print(flush=True)  # piped: one output line per input line, even an empty one
             continue
         if not tok.encode(text):
             print("(this model's tokenizer knows no character of that message; nothing was sent)")

@@ -35,8 +35,8 @@ from model import GPT, GPTConfig, gpt_config
 from runtime import print0, setup_runtime
 from settings import ConfigError, cli, load_config, setting
 from tokenizer import from_meta, load_meta, same_base
-from train import (TRAINING_ONLY, TrainConfig, add_lora, claim_run_folder, make_loaders, model_config_for,
-                   prepare_run, report_trainable, resume_state, train)
+from train import (TRAINING_ONLY, TrainConfig, add_lora, claim_run_folder, done_line, make_loaders,
+                   model_config_for, prepare_run, report_trainable, resume_state, train)
 
 
 @dataclass
@@ -188,8 +188,7 @@ def main(argv=None) -> dict:
     prompts = [p.strip() for p in cfg.sample_prompts.split("|") if p.strip()]
     summary = train(cfg, run, model, loaders, meta, state, sample_replies(prompts, from_meta(meta), cfg, run),
                     lora_base)
-    print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
-           f"{summary['elapsed_s']:.1f}s; chat with: python sample.py --out_dir={cfg.out_dir} --chat")
+    print0(f"{done_line(summary, cfg.out_dir)}\nchat with: python sample.py --out_dir={cfg.out_dir} --chat")
     return summary
 
 

@@ -82,7 +82,7 @@ class TrainConfig(GPTConfig, LoRAConfig):
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = setting(0, lo=0)  # CPU threads; 0: the cores not busy with other work (printed at start)
-    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: bf16 on CUDA
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: bf16 on CUDA; CPU: measured
     compile: bool = False
     seed: int = 1337
     lora_quant: str = setting("none", choices=("none", "int8", "nf4"))  # QLoRA: a quantized frozen base
@@ -337,6 +337,8 @@ class Trainer:
         self.norm = self.accum * cfg.batch_size * cfg.block_size
         self.peak = peak_flops(run.device, run.dtype)
         self.nonfinite, self.tokens_since = 0, 0
+        weighted = isinstance(loaders["train"], Examples) and 0 < cfg.prompt_loss_weight < 1
+        self.loss_note = f" (targets + {cfg.prompt_loss_weight:g} x the rest)" if weighted else ""
 
     def elapsed(self) -> float:
         return self.elapsed0 + time.time() - self.start_time
@@ -411,6 +413,8 @@ class Trainer:
             metrics.update(self.extra_eval(self.raw_model))
         val = metrics["val_loss"]
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        if self.loss_note:  # a step's loss weighs the other tokens too; evaluation scores targets alone
+            shown = shown.replace("train_loss", "train_loss (targets)").replace("val_loss", "val_loss (targets)")
         self.logger.log({"iter": it, "elapsed_s": round(self.elapsed(), 3), **metrics,
                          "val_ppl": math.exp(min(val, 50))}, f"eval {it}: {shown} ({self.elapsed():.1f}s)")
         self.logger.plot(cfg.out_dir)
@@ -509,7 +513,7 @@ class Trainer:
             record["aux_loss"] = round(result.aux_loss, 5)
         bar = self.logger.bar
         self.logger.log(record, None if bar is not None and not bar.disable else
-                        f"iter {self.iter_num}: loss {result.loss:.4f}, {tok_s:,.0f} tok/s, "
+                        f"iter {self.iter_num}: step loss {result.loss:.4f}{self.loss_note}, {tok_s:,.0f} tok/s, "
                         f"mfu {100 * record['mfu']:.1f}%")
         if bar is not None:
             bar.set_postfix(loss=f"{result.loss:.4f}", lr=f"{record['lr']:.2e}", tok_s=f"{tok_s:,.0f}")
@@ -560,6 +564,15 @@ class Trainer:
         last_eval = next((r for r in reversed(self.logger.records) if "val_loss" in r), None)
         return {"stopped": stopped, "iters": self.iter_num, "best_val_loss": self.best_val_loss,
                 "elapsed_s": self.elapsed(), "last_eval": last_eval}
+
+
+def done_line(summary: dict, out_dir: str) -> str:
+    """What a finished run says: where its weights are, and the best val loss only if an
+    evaluation after training found one (else there is no best.pt, only ckpt.pt)."""
+    best = summary["best_val_loss"]
+    saved = (f"best val loss {best:.4f} (best.pt), last weights in ckpt.pt" if math.isfinite(best) else
+             "no evaluation after training, so no best.pt: ckpt.pt holds the last weights")
+    return f"done: {summary['iters']} iters in {summary['elapsed_s']:.1f}s; {out_dir}/: {saved}"
 
 
 def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
@@ -721,8 +734,7 @@ def main(argv=None) -> dict:
     if meta.get("task") == "classify":
         extra_eval = accuracy_eval(loaders["eval"]["val"], meta, run)
     summary = train(cfg, run, model, loaders, meta, state, extra_eval, lora_base)
-    print0(f"done: {summary['iters']} iters, best val loss {summary['best_val_loss']:.4f}, "
-           f"{summary['elapsed_s']:.1f}s; checkpoints in {cfg.out_dir}/ (ckpt.pt latest, best.pt best val)")
+    print0(done_line(summary, cfg.out_dir))
     return summary
 
 

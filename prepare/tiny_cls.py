@@ -201,9 +201,9 @@ def find_image_folders(image_dir: str, stats: dict) -> tuple[str, dict, dict | N
         val_dir = val_dir if os.path.isdir(val_dir) else None
     train = class_folders(train_dir, stats)
     val = class_folders(val_dir, stats) if val_dir else None
-    if not train:
-        raise DataError(f"{train_dir}: no class folders; put each class's images in "
-                        f"{train_dir}/<class>/")
+    if len(train) < 2:
+        raise DataError(f"{train_dir}: {'one class folder' if train else 'no class folders'}; a classifier "
+                        f"needs at least two classes: put each class's images in {train_dir}/<class>/")
     empty = [name for name, files in train.items() if not files]
     if empty:
         raise DataError(f"{os.path.join(train_dir, empty[0])}: no image files (PNG, JPEG, BMP, "

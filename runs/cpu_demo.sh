@@ -28,19 +28,22 @@ fi
 
 . runs/steps.sh  # step and report (the working folder is the repo root from here on)
 
+# The demo's runs get names of their own (weight/demo_*), a fresh set each time: it never resumes
+# or replaces the runs a user trained with the same configs (weight/tiny_cls, ...).
+RUN=weight/demo_$(date +%Y%m%d_%H%M%S)
 step "prepare digits"   python prepare/tiny_cls.py
-step "train classifier" python train.py config/tiny_cls.py "${CLS_ITERS[@]}"
+step "train classifier" python train.py config/tiny_cls.py --out_dir="${RUN}_tiny_cls" "${CLS_ITERS[@]}"
 step "prepare text"     python prepare/text.py --input "$DATA/tinyshakespeare.txt" --name shakespeare_gpt2
-step "pretrain"         python train.py config/pretrain_gpt2_small_cpu.py "${PRE_ITERS[@]}"
+step "pretrain"         python train.py config/pretrain_gpt2_small_cpu.py --out_dir="${RUN}_base" "${PRE_ITERS[@]}"
 step "prepare SFT"      python prepare/sft.py --input "$DATA/sft/alpaca_en_demo.json" --name alpaca \
                             --base data/shakespeare_gpt2 --max_length 257
-step "SFT"              python sft.py config/sft_alpaca.py "${SFT_ITERS[@]}"
-SERVED=(--out_dir=weight/sft_alpaca --out_dir=weight/shakespeare_gpt2_cpu --out_dir=weight/tiny_cls)
+step "SFT"              python sft.py config/sft_alpaca.py --base="${RUN}_base" --out_dir="${RUN}_sft" "${SFT_ITERS[@]}"
+SERVED=(--out_dir="${RUN}_sft" --out_dir="${RUN}_base" --out_dir="${RUN}_tiny_cls")
 if [ "${ARITH:-0}" = 1 ]; then
   step "prepare arithmetic" python prepare/arith.py
-  step "train arithmetic"   python train.py config/arith.py "${ARITH_ITERS[@]}"
-  step "exact match"        python eval.py --out_dir=weight/arith --generate
-  SERVED=(--out_dir=weight/arith "${SERVED[@]}")
+  step "train arithmetic"   python train.py config/arith.py --out_dir="${RUN}_arith" "${ARITH_ITERS[@]}"
+  step "exact match"        python eval.py --out_dir="${RUN}_arith" --generate
+  SERVED=(--out_dir="${RUN}_arith" "${SERVED[@]}")
 fi
 
 report

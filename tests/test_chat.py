@@ -28,11 +28,11 @@ def test_chat_through_piped_stdin(tiny):
     result = run_chat(out_dir, "hello\n/help\n\n/reset\nadd 2 3\n/exit\nhi\n")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    # reply, help, (the empty line is skipped), cleared, reply; nothing after /exit
-    assert len(lines) == 4, lines
+    # reply, help, an empty line for the empty one (lines stay aligned), cleared, reply; nothing after /exit
+    assert len(lines) == 5, lines
     assert lines[0] == GREETING_REPLY
-    assert lines[1].startswith("/reset") and lines[2] == "(conversation cleared)"
-    assert re.fullmatch(r"\d\+\d=\d+\.", lines[3]), lines[3]  # a sum, then <|end|> (the digits may be wrong)
+    assert lines[1].startswith("/reset") and lines[2] == "" and lines[3] == "(conversation cleared)"
+    assert re.fullmatch(r"\d\+\d=\d+\.", lines[4]), lines[4]  # a sum, then <|end|> (the digits may be wrong)
 
 
 def test_chat_multi_turn_with_a_system_prompt_ends_at_end_of_input(tiny):
