@@ -260,7 +260,13 @@ class Objective(nn.Module):
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
+def default_objective(model: GPT, loader) -> Objective:
+    """The objective of pretraining, SFT and classification; another objective (e.g. one over
+    preference pairs) is a module with the same forward(x, y, w) and count(y, w)."""
+    return Objective(model, loss_only=isinstance(loader, Examples))
+
+
+def estimate_loss(model, loaders: dict, cfg, run: Runtime, make_objective=default_objective) -> dict:
     """Loss per target over up to eval_iters batches of each split (the same batches every
     time). eval_iters is global, like gradient_accumulation_steps: each process runs its share."""
     out = {}
@@ -273,7 +279,7 @@ def estimate_loss(model, loaders: dict, cfg, run: Runtime) -> dict:
         else:
             loader.rewind()  # every evaluation sees the same windows
             batches = (loader.get_batch(run.device) for _ in range(n_batches))
-        objective = Objective(model, loss_only=isinstance(loader, Examples))
+        objective = make_objective(model, loader)
         for x, y, w in batches:
             with run.autocast:
                 loss, _ = objective(x, y, w)
@@ -306,7 +312,8 @@ class Trainer:
     sample replies) to each evaluation."""
 
     def __init__(self, cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
-                 state: dict | None = None, extra_eval=None, lora_base: dict | None = None):
+                 state: dict | None = None, extra_eval=None, lora_base: dict | None = None,
+                 make_objective=default_objective):
         if cfg.gradient_accumulation_steps % run.world_size:
             raise ConfigError(f"gradient_accumulation_steps = {cfg.gradient_accumulation_steps} must "
                               f"be a multiple of the number of processes ({run.world_size}): it is "
@@ -322,7 +329,8 @@ class Trainer:
             self.restore(state)
         self.start_iter, self.evaluated = self.iter_num, None
         # example datasets (SFT, classification): the head runs only where a target counts
-        self.objective = objective = Objective(model, loss_only=isinstance(loaders["train"], Examples))
+        self.make_objective = make_objective
+        self.objective = objective = make_objective(model, loaders["train"])
         if cfg.compile:
             objective = torch.compile(objective)
         if run.ddp:
@@ -408,7 +416,7 @@ class Trainer:
         """Log val (and train) loss and extra metrics; save best.pt when val improves and
         ckpt.pt per the policy (checkpoint.py). True when the target is met."""
         cfg, it = self.cfg, self.iter_num
-        metrics = estimate_loss(self.raw_model, self.loaders["eval"], cfg, self.run)
+        metrics = estimate_loss(self.raw_model, self.loaders["eval"], cfg, self.run, self.make_objective)
         if self.extra_eval is not None:
             metrics.update(self.extra_eval(self.raw_model))
         val = metrics["val_loss"]
@@ -575,10 +583,10 @@ def done_line(summary: dict, out_dir: str) -> str:
     return f"done: {summary['iters']} iters in {summary['elapsed_s']:.1f}s; {out_dir}/: {saved}"
 
 
-def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict,
-          state: dict | None = None, extra_eval=None, lora_base: dict | None = None) -> dict:
+def train(cfg, run: Runtime, model: GPT, loaders: dict, tokenizer_meta: dict, state: dict | None = None,
+          extra_eval=None, lora_base: dict | None = None, make_objective=default_objective) -> dict:
     """Run the shared training loop (see Trainer); returns its summary."""
-    return Trainer(cfg, run, model, loaders, tokenizer_meta, state, extra_eval, lora_base).fit()
+    return Trainer(cfg, run, model, loaders, tokenizer_meta, state, extra_eval, lora_base, make_objective).fit()
 
 
 # ----------------------------------------------------------------------------- entry point
