@@ -279,6 +279,9 @@ def classify_images(cfg: SampleConfig, model, tok, ckpt, run) -> list[dict]:
             rows.append({"path": path, "class": names[k], "probability": round(float(p[k]), 6),
                          "true_class": parent if folder and parent in names else ""})
             print(f"{path}\t{names[k]}\t{float(p[k]):.4f}")
+    if not folder and rows:  # one image: show it as the model reads it, and what it was trained on
+        sys.stdout.flush()
+        print(seen_as(pixels, book, meta), file=sys.stderr)
     if folder:
         labelled = [r for r in rows if r["true_class"]]
         if labelled:
@@ -292,6 +295,19 @@ def classify_images(cfg: SampleConfig, model, tok, ckpt, run) -> list[dict]:
             writer.writerows(rows)
         print(f"wrote {path} ({len(rows)} images" + (f", {bad} unreadable skipped)" if bad else ")"))
     return rows
+
+
+def seen_as(pixels: np.ndarray, book: dict, meta: dict) -> str:
+    """The image as the classifier reads it (its training size and gray levels) in characters,
+    and which images it was trained on: a picture unlike those (MNIST's 28 x 28 strokes given
+    to the 8 x 8 digits model) is read poorly, and the grid shows why."""
+    shades = " .:-=+*#%@"
+    level = np.clip(pixels / max(1.0, float(book.get("max_value", 255))), 0, 1)
+    rows = ["".join(shades[int(v * (len(shades) - 1))] * 2 for v in row) for row in level]
+    source = meta.get("source", {}).get("data") or meta.get("source", {}).get("script", "its dataset")
+    height, width = pixels.shape
+    return ("\n".join(rows) + f"\nthe model read it as above: {height} x {width}, as its training images "
+            f"({source}); a picture unlike those is read poorly")
 
 
 def main(argv=None) -> None:

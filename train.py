@@ -7,6 +7,10 @@ Pretraining, and the one training loop that sft.py reuses.
 Flat token datasets are read as random block_size windows; example datasets (data/<name>/*.idx,
 e.g. tiny_cls) as whole examples with their loss masks. The run folder weight/<run>/ gets
 ckpt.pt, config.json, log.jsonl and loss.png. Ctrl-C / SIGTERM finishes the step, saves and exits.
+
+Longer than the house's ~500 lines on purpose: the objective, evaluation, checkpoints, the loop
+and the entry point read top to bottom in one file, so a training step never leaves it but for
+the model (model.py) and the batches (data.py); split, a reader would cross files for each.
 """
 import json
 import math

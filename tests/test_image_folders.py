@@ -282,6 +282,7 @@ def test_sample_classifies_one_image_and_a_folder(runs, tmp_path, monkeypatch):
         r = run_script("sample.py", f"--out_dir={runs['mlp']}", "--classify", f"--image={one}")
         path, name, p = r.stdout.strip().split("\t")
         assert path == one and name in CLASSES and 0 < float(p) <= 1
+        assert "the model read it as above" in r.stderr  # the grid it saw, and its training images
         folder = os.path.join(runs["root"], "imgs", "val")
         r = run_script("sample.py", f"--out_dir={runs['lm']}", "--classify", f"--image={folder}")
         assert "accuracy" in r.stdout and "cls_images.csv" in r.stdout
