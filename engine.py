@@ -44,12 +44,13 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
                 top_p: float = 1.0, generator: torch.Generator | None = None) -> Tensor:
     """One token per row from logits (B, V): greedy at temperature 0, else softmax(logits / t)
     restricted to the top_k most likely tokens and the smallest set holding top_p of the mass."""
-    if temperature <= 0:
+    if temperature <= 1e-6:  # greedy; a tinier temperature would only overflow into NaN
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    top_p = max(top_p, 1e-6)  # the most likely token always stays, however small top_p
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
         probs = F.softmax(sorted_logits, dim=-1)

@@ -5,11 +5,16 @@ compare two models on the same prompt, and draw a digit for a classifier to read
     python serve.py --out_dir=weight/sft_alpaca [--out_dir=weight/tiny_cls] [--host=127.0.0.1 --port=8000]
 
 GET / (the page), GET /health, GET /v1/models, POST /v1/chat/completions (chat models),
-POST /v1/completions (any text model), POST /v1/classify (tiny_cls classifiers). Completions
-stream over server-sent events with "stream": true. One worker thread runs every model and takes
-turns one token at a time between the requests in flight: each reply starts without waiting for
-the others to end, and each has its own KV cache and random generator, so a reply is the same
-alone or beside seven others, and the same request with the same seed gives the same reply.
+POST /v1/completions (any text model), POST /v1/classify (tiny_cls classifiers), and the API's
+schema at GET /openapi.json. Completions stream over server-sent events with "stream": true.
+Safe to leave running: it answers only to its own names (localhost, --host, --allowed_hosts:
+no DNS rebinding), takes bodies only as application/json (no cross-site form posts), and
+bounds what a request may cost (size, tokens, stop strings, image pixels, requests in flight).
+
+One worker thread runs every model and takes turns one token at a time between the requests in
+flight: each reply starts without waiting for the others to end, and each has its own KV cache
+and random generator, so a reply is the same alone or beside seven others, and the same request
+with the same seed gives the same reply.
 """
 import asyncio
 import base64
@@ -57,7 +62,7 @@ class ServeConfig:
     max_messages: int = setting(64, lo=1)
     max_request_bytes: int = setting(1_000_000, lo=1024)
     max_in_flight: int = setting(32, lo=1)  # requests generating or waiting; more get 429
-    allowed_hosts: str = ""  # names the page and API may be reached by besides localhost (comma-separated; *: any)
+    allowed_hosts: str = ""  # names to answer to besides localhost and --host (comma-separated; *: any)
 
     def __post_init__(self):
         check_settings(self)
@@ -422,7 +427,8 @@ def decode_png(text: str):
         raise ApiError(400, "image: not valid base64") from None
     width, height = png_size(raw)
     if width * height > MAX_IMAGE_SIDE ** 2:
-        raise ApiError(413, f"image: {width}x{height} is too large (at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE})")
+        raise ApiError(413, f"image: {width}x{height} is too large "
+                            f"(at most {MAX_IMAGE_SIDE}x{MAX_IMAGE_SIDE})")
     try:
         return read_image(raw)
     except ImageError as e:
@@ -654,7 +660,8 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         req.max_tokens = asked or cfg.max_tokens
         stops = req.stop_list()
         if len(stops) > MAX_STOPS or any(len(s) > MAX_STOP_CHARS for s in stops):
-            raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} characters")
+            raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings of at most {MAX_STOP_CHARS} "
+                                "characters")
         if req.temperature < MIN_TEMPERATURE:
             req.temperature = 0.0
         req.top_p = max(req.top_p, MIN_TOP_P)

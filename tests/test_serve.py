@@ -315,8 +315,8 @@ def test_host_and_content_type_are_checked(live):
     for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", ""):
         r = live.http.post("/v1/completions", content=body, headers={"Content-Type": kind})
         one_line_error(r, 415, "Content-Type: application/json")
-    r = live.http.post("/v1/completions", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
-    assert r.status_code == 200
+    json_utf8 = {"Content-Type": "application/json; charset=utf-8"}
+    assert live.http.post("/v1/completions", content=body, headers=json_utf8).status_code == 200
     # --allowed_hosts, and on every interface any address of the machine (rebinding needs a name)
     named = serve.ServeConfig(allowed_hosts="my.box, Other.Name:80")
     assert serve.host_allowed("my.box:8000", named) and serve.host_allowed("other.name", named)
