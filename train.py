@@ -33,7 +33,7 @@ from classify import accuracy_eval, class_token_ids
 from convert import check_fits_uint16
 from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
 from files import atomic_write
-from lora import LORA_KEYS, LoRAConfig, add_adapters, adapter_state, check_lora, freeze_base, is_adapter, lora_config
+from lora import LoRAConfig, add_adapters, adapter_state, check_lora, freeze_base, is_adapter, lora_config
 from model import GPT, GPTConfig, gpt_config
 from muon import make_muon
 from runtime import (Logger, Runtime, StopSignal, all_reduce_sum, peak_flops, print0, resolve_cpu_dtype,

@@ -57,9 +57,9 @@ import data
 import tokenizer
 from settings import cli
 from data import DataError, read_utf8
-from images import (CLS, END_IMG, EOS, IMG, INK_FILL, MARKERS, NUM_CLASSES, PAD, UNK, ImageError, class_token,
-                    class_tokens, code_token, codebook_meta, encode_images, fit_codebook, image_files, image_pixels,
-                    read_image, read_token_examples, save_codebook, tail_ids)
+from images import (CLS, END_IMG, EOS, IMG, INK_FILL, MARKERS, NUM_CLASSES, PAD, UNK, ImageError, class_tokens,
+                    code_token, codebook_meta, encode_images, fit_codebook, image_files, image_pixels, read_image,
+                    read_token_examples, save_codebook)
 
 DIGITS_NPZ = os.path.join(os.path.dirname(os.path.abspath(__file__)), "digits.npz")
 SEED = 1337
