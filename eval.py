@@ -292,8 +292,11 @@ def plot(runs: list[str], cfg: EvalConfig) -> str:
         val = [(r["iter"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
         train = [(r["iter"], r["train_loss"]) for r in records if "lr" in r and r.get("train_loss") is not None]
         line = ax.plot(*zip(*val), marker=".", label=f"{name} val")[0] if val else None
-        if train:
-            ax.plot(*zip(*train), alpha=0.35, color=line.get_color() if line else None, label=f"{name} train")
+        if not val and not train:
+            raise ConfigError(f"{run_dir}/log.jsonl has no losses to plot yet", "plot")
+        if train:  # a single point gets a marker: a line of one point is drawn as nothing
+            ax.plot(*zip(*train), alpha=0.35, color=line.get_color() if line else None, label=f"{name} train",
+                    marker="." if len(train) < 2 else None)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -314,6 +314,12 @@ def resolve_tokenizer(name: str, files, args, total: int) -> tuple[tokenizer.Tok
     if name == "gpt2":
         return tokenizer.TiktokenTokenizer("gpt2"), EOT
     path = trained_tokenizer_path(name)
+    if path is None and not os.path.exists(name) and "/" not in name and not name.startswith("gpt2-"):
+        trained = sorted(f[:-5] for f in os.listdir(os.path.join("data", "tokenizers")) if f.endswith(".json")) \
+            if os.path.isdir(os.path.join("data", "tokenizers")) else []
+        raise DataError(f"--tokenizer={name}: not char, gpt2, a tokenizer trained with prepare/tokenizer.py "
+                        f"(data/tokenizers/{name}.json does not exist; there: {', '.join(trained) or 'none'}), "
+                        "a Hugging Face folder or a run folder")
     if path is None:
         return model_tokenizer(name)
     tok = tokenizer.from_meta(tokenizer.read_meta(path, fix="train it again with prepare/tokenizer.py"))

@@ -86,3 +86,11 @@ def test_the_tokenizer_trainer_keeps_a_good_tokenizer(tmp_path, monkeypatch):
     assert r.returncode == 1 and "exists" in r.stderr and open("data/tokenizers/zh.json").read() == '{"kind": "bpe"}'
     r = run_script("prepare/tokenizer.py", "--input", "empty.txt", "--vocab_size", "300", "--name", "zh2", check=False)
     assert r.returncode == 1 and "taught no merge" in r.stderr and not os.path.exists("data/tokenizers/zh2.json")
+
+
+def test_a_tokenizer_name_that_does_not_exist_says_what_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    open("a.txt", "w").write("hello world\n" * 50)
+    r = run_script("prepare/text.py", "--input", "a.txt", "--name", "t", "--tokenizer", "nosuchtok", check=False)
+    assert r.returncode == 1 and "data/tokenizers/nosuchtok.json does not exist" in r.stderr
+    assert not os.path.exists("data/t")
