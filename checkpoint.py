@@ -19,12 +19,12 @@ again from that path and refuse it when its weights changed since.
 """
 import dataclasses
 import hashlib
-import json
 import os
 
 import torch
 
-from convert import GPT2_NAMES, ConvertError, download_gpt2, folder_tokenizer, hf_checkpoint, is_hf_folder
+from convert import (GPT2_NAMES, ConvertError, download_gpt2, folder_file, folder_tokenizer, hf_checkpoint,
+                     is_hf_folder, read_json)
 from files import atomic_write
 from lora import LORA_KEYS, add_adapters, lora_config, merge
 from model import GPT, gpt_config
@@ -213,9 +213,8 @@ def tokenizer_meta(source: str) -> dict:
     if not os.path.isdir(source):
         raise ConvertError(f"{source}: not a GPT-2 name, a Hugging Face folder or a danlu run folder")
     hf = {}
-    if os.path.exists(os.path.join(source, "config.json")):
-        with open(os.path.join(source, "config.json"), encoding="utf-8") as f:
-            hf = json.load(f)
+    if os.path.exists(os.path.join(source, "config.json")):  # checked like every file of a stranger's folder
+        hf = read_json(folder_file(source, "config.json"))
     return folder_tokenizer(source, hf)
 
 

@@ -11,6 +11,10 @@ q/k/v projections carry biases) map onto GPTConfig switches; the name mapping is
 (token bytes by id, the id being the tiktoken rank), GPT-2's own table becomes tiktoken's gpt2.
 safetensors files are read and written here (a JSON header, then raw tensors), so importing
 needs nothing but torch; `gpt2`..`gpt2-xl` are fetched with huggingface_hub when it is installed.
+A folder is input from strangers: each file is checked before it is opened (inside the folder,
+a regular file), each header and JSON file before anything is allocated for it (a safetensors
+header that tiles its file, config.json sizes bounded by the weights present, tokenizer ids
+bounded by its entries), and every problem is one line of ConvertError naming file and field.
 """
 import dataclasses
 import json
@@ -22,10 +26,10 @@ import torch
 from torch import Tensor
 
 from files import atomic_write
-from model import GPT, GPTConfig, gpt_config
+from model import GPT, GPTConfig
 from settings import ConfigError
-from tokenizer import (CHAT_TOKENS, END_OF_TURN, MAX_JSON_BYTES, ROLE_TOKENS, TiktokenTokenizer, json_kind,
-                       json_value, one_line, pattern_problem)
+from tokenizer import (CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, TiktokenTokenizer, json_kind, json_value, one_line,
+                       pattern_problem, small_file)
 
 GPT2_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, each with one leading
@@ -80,8 +84,10 @@ def safetensors_header(path: str) -> tuple[dict, int]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        if size < 8 or n > min(size - 8, MAX_HEADER):
+        if size < 8 or n > size - 8:
             raise not_safetensors(path, f"its header length {n:,} does not fit a {size:,}-byte file")
+        if n > MAX_HEADER:
+            raise not_safetensors(path, f"its header length {n:,} is over the {MAX_HEADER:,}-byte limit")
         try:
             header = json_value(f.read(n))
         except ValueError as e:
@@ -157,7 +163,8 @@ def folder_file(folder: str, name: str, named_by: str = "") -> str:
     try:
         real = os.path.realpath(path)
     except (ValueError, OSError) as e:  # a NUL byte in the name, a symlink loop
-        raise ConvertError(f"{path}{source}: not a usable file name ({one_line(e)}); download the model again") from None
+        raise ConvertError(f"{path}{source}: not a usable file name ({one_line(e)}); "
+                           "download the model again") from None
     if not any(os.path.commonpath([real, root]) == root for root in folder_roots(folder)):
         raise ConvertError(f"{path}{source}: leaves the folder (it resolves to {real}); danlu reads only "
                            f"files inside {folder}: copy the file in")
@@ -176,15 +183,18 @@ def folder_roots(folder: str) -> list[str]:
     return [real]
 
 
+def read_small_file(path: str) -> bytes:
+    """The bytes of a (folder_file-checked) JSON or text file (tokenizer.small_file's limits)."""
+    try:
+        return small_file(path)
+    except ValueError as e:
+        raise ConvertError(f"{path} {e}; download it again") from None
+
+
 def read_json(path: str) -> dict:
     """The JSON object in a (folder_file-checked) file, or a ConvertError naming the file."""
-    size = os.path.getsize(path)
-    if size > MAX_JSON_BYTES:
-        raise ConvertError(f"{path}: {size:,} bytes, more than any such file ({MAX_JSON_BYTES:,}); download it again")
-    with open(path, "rb") as f:
-        data = f.read()
     try:
-        value = json_value(data)
+        value = json_value(read_small_file(path))
     except ValueError as e:
         raise ConvertError(f"{path}: {e}; download it again") from None
     if not isinstance(value, dict):
@@ -202,8 +212,8 @@ def read_folder_weights(folder: str) -> dict[str, Tensor]:
                            "reads safetensors weights only (save the model with safe_serialization=True)")
     weight_map = read_json(folder_file(folder, "model.safetensors.index.json")).get("weight_map")
     if not isinstance(weight_map, dict):
-        raise ConvertError(f"{index}: weight_map is {json_kind(weight_map)}, not an object of tensor name -> "
-                           "shard file name; download it again")
+        raise ConvertError(f"{index}: weight_map is {json_kind(weight_map) if weight_map is not None else 'missing'}"
+                           ", not an object of tensor name -> shard file name; download it again")
     bad = [v for v in weight_map.values() if not isinstance(v, str)]
     if bad:
         raise ConvertError(f"{index}: weight_map names the shard {shown(bad[0])}, not a file name; download it again")
@@ -301,7 +311,7 @@ def llama_from_hf(hf: dict, tensors: dict, where: str) -> tuple[GPTConfig, dict]
     config = GPTConfig(block_size=hf["max_position_embeddings"], vocab_size=hf["vocab_size"],
                        n_layer=hf["num_hidden_layers"], n_head=nh, n_embd=C, n_kv_head=0 if nkv == nh else nkv,
                        mlp_hidden=0 if hidden == swiglu_default_hidden(C) else hidden,
-                       pos_emb="rope", rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0)),
+                       pos_emb="rope", rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
                        norm="rmsnorm", norm_eps=0.0 if eps == 1e-6 else eps, mlp="swiglu", dropout=0.0,
                        bias=attn_bias or mlp_bias, qkv_bias=qwen2 and not (attn_bias or mlp_bias),
                        tie_embeddings=hf.get("tie_word_embeddings", False))
@@ -417,11 +427,12 @@ def split_pattern(pre: dict | None, where: str) -> str:
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return GPT2_PATTERN
     regex = steps[0].get("pattern") if kinds == ["Split", "ByteLevel"] else None
-    if steps and steps[0].get("behavior") == "Isolated" and isinstance(regex, dict) and isinstance(regex.get("Regex"), str):
-        problem = pattern_problem(regex["Regex"])  # a stranger's regex: tiktoken must be able to run it
+    regex = regex.get("Regex") if isinstance(regex, dict) else None
+    if isinstance(regex, str) and steps[0].get("behavior") == "Isolated":
+        problem = pattern_problem(regex, PROBE_TEXT)  # a stranger's regex: tiktoken must run it
         if problem:
             raise ConvertError(f"{where}: pre_tokenizer Split: {problem}; danlu cannot split text with it")
-        return regex["Regex"]
+        return regex
     if kinds == ["Digits", "ByteLevel"] and steps[1].get("use_regex", True):
         # digits are cut out before GPT-2's regex runs: a digit (or digit run) is its own piece,
         # and whitespace before a digit ends its piece there
@@ -584,8 +595,7 @@ def vocab_merges_json(folder: str) -> dict:
     table = read_json(folder_file(folder, "vocab.json"))
     path = folder_file(folder, "merges.txt")
     try:
-        with open(path, "rb") as f:
-            lines = f.read(MAX_JSON_BYTES + 1).decode("utf-8").splitlines()
+        lines = read_small_file(path).decode("utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise ConvertError(f"{path}: not UTF-8 text (byte {e.start}); download it again") from None
     pairs = [line for line in lines if line.strip() and not line.startswith("#version")]
@@ -601,7 +611,7 @@ def check_tokenizer_json(tj: dict, where: str) -> None:
     naming the field; a model that is not BPE is named with what danlu reads instead."""
     def need(ok: bool, field: str, wanted: str):
         if not ok:
-            raise ConvertError(f"{where}: {field} is not {wanted}; download the model's tokenizer.json again")
+            raise ConvertError(f"{where}: {field} is not {wanted}; download it again")
 
     model = tj.get("model")
     need(isinstance(model, dict) and isinstance(model.get("type"), str), "model", "an object with a type")
@@ -802,9 +812,10 @@ FIELD_KINDS = {"size": (lambda v: type(v) is int, "a whole number"),
 LAYER_INDEX = re.compile(r"(?:^|\.)(?:h|layers)\.(\d{1,9})\.")  # transformer.h.3. / model.layers.3.
 
 
-def check_config(hf: dict, fields: tuple, tensors: dict, path: str) -> None:
+def check_config(hf: dict, fields: tuple, tensors: dict, path: str) -> dict:
     """Every field of config.json that danlu reads has its JSON kind and a size the weights
-    bound; else a ConvertError naming the field."""
+    bound; else a ConvertError naming the field. Returns hf without its nulls, so that a null
+    reads as the default, as in transformers."""
     required, optional = fields
     limits = {"size": (sum(t.numel() for t in tensors.values()), "numbers"),
               "layers": (len({m.group(1) for k in tensors if (m := LAYER_INDEX.search(k))}), "layers")}
@@ -816,11 +827,13 @@ def check_config(hf: dict, fields: tuple, tensors: dict, path: str) -> None:
             raise ConvertError(f"{path}: {key} is missing; download the model's config.json again")
         ok, wanted = FIELD_KINDS[kind]
         if not ok(value):
-            raise ConvertError(f"{path}: {key} = {shown(value)} is not {wanted}; fix config.json or download it again")
+            raise ConvertError(f"{path}: {key} = {shown(value)} is not {wanted}; "
+                               "fix config.json or download it again")
         limit, unit = limits.get(kind, (None, ""))
         if limit is not None and not 1 <= value <= limit:
             raise ConvertError(f"{path}: {key} = {value:,} is outside 1..{limit:,} (the weights hold {limit:,} "
                                f"{unit}); config.json does not describe these weights")
+    return {k: v for k, v in hf.items() if v is not None}
 
 
 def config_field(hf: dict, key: str):
@@ -854,7 +867,7 @@ def hf_checkpoint(folder: str, source: str) -> dict:
     tensors = read_folder_weights(folder)
     if not tensors:
         raise ConvertError(f"{folder}: its weights hold no tensors; download the model again")
-    check_config(hf, fields, tensors, path)
+    hf = check_config(hf, fields, tensors, path)
     try:
         config, state = convert_fn(hf, tensors, path)
     except ConfigError as e:  # sizes that do not fit together (heads that do not divide the width)
@@ -864,7 +877,8 @@ def hf_checkpoint(folder: str, source: str) -> dict:
     meta = folder_tokenizer(folder, hf)
     if meta["vocab_size"] > config.vocab_size:
         raise ConvertError(f"{folder}: its tokenizer has {meta['vocab_size']:,} ids but config.json's vocab_size "
-                           f"is {config.vocab_size:,}; the ids past it have no embedding (a tokenizer of another model?)")
+                           f"is {config.vocab_size:,}; the ids past it have no embedding (another model's "
+                           "tokenizer?)")
     meta["source"] = {"converted_from": source, "architecture": arch or kind}
     return {"model": state, "model_config": dataclasses.asdict(config), "tokenizer": meta,
             "train_config": {"init_from": source}, "iter_num": 0}

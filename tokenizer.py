@@ -385,7 +385,7 @@ class MetaError(ValueError):
 MAX_JSON_BYTES = 256 * 2**20  # far above any real meta.json / tokenizer.json (Gemma's is ~35 MB)
 # text a split pattern must cut into non-empty pieces (tiktoken's encoder panics on an empty
 # one): mixed words and scripts, then every printable ASCII character
-PATTERN_PROBE = ("Hello world, it's 2024!  Tabs\tand\nnew lines;  x=3.14 你好，世界！ 🙂👍🏽 naïve  end\r\n"
+PATTERN_PROBE = ("Hello world, it's 2024!  Tabs\tand\nnew lines;  x=3.14 你好，世界！ 🙂👍🏽 naïve\r\n"
                  + "".join(map(chr, range(32, 127))))
 
 
@@ -408,21 +408,33 @@ def json_value(data: bytes):
         raise ValueError(f"not valid JSON ({one_line(e)})") from None
 
 
+def small_file(path: str) -> bytes:
+    """The bytes of a small file from anyone (meta.json, a Hugging Face folder's JSON): a
+    regular file (a FIFO would block) of at most MAX_JSON_BYTES, else ValueError saying why."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError("is not a regular file")
+    size = os.path.getsize(path)
+    if size > MAX_JSON_BYTES:
+        raise ValueError(f"holds {size:,} bytes, more than any such file ({MAX_JSON_BYTES:,})")
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def json_kind(value) -> str:
     return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
             bool: "true/false"}.get(type(value), "null")
 
 
-def pattern_problem(pattern: str) -> str | None:
+def pattern_problem(pattern: str, *texts: str) -> str | None:
     """Why tiktoken cannot split text with this regex, or None: it does not compile (tiktoken's
     own compiler refuses, within its size limits, before Python's regex sees it), or it matches
-    an empty piece somewhere in a probe text, on which tiktoken's encoder panics."""
+    an empty piece somewhere in a probe text or in texts (on which tiktoken's encoder panics)."""
     import regex
     import tiktoken
     singles = {bytes([b]): b for b in range(256)}
     try:
         tiktoken.Encoding("probe", pat_str=pattern, mergeable_ranks=singles, special_tokens={})
-        for text in ("", PATTERN_PROBE):
+        for text in ("", PATTERN_PROBE, *texts):
             if any(m.start() == m.end() for m in regex.finditer(pattern, text, timeout=1.0)):
                 return f"its split pattern matches an empty piece of {text!r}"
     except (TypeError, ValueError, regex.error) as e:
@@ -440,6 +452,8 @@ def table_problem(tok: Tokenizer) -> str | None:
     added = list(getattr(tok, "added_tokens", {}).values())
     if not all(type(i) is int and i >= 0 for i in specials + added):
         return "its special or added token ids are not all whole numbers from 0"
+    if not all(isinstance(name, str) for name in tok.special_tokens):  # a list of pairs reads as a dict
+        return "its special token names are not all strings"
     if tok.vocab_size > tok.base_size + len(specials) or any(i >= tok.base_size for i in added):
         return f"its token ids reach {max(specials + added):,}, beyond its {tok.base_size:,}-entry table"
     entries = {"char": getattr(tok, "chars", []), "vocab": getattr(tok, "tokens", [])}.get(tok.kind, [])
@@ -462,13 +476,10 @@ def read_meta(path: str, fix: str = "re-run the prepare script") -> dict:
     prepare/tokenizer.py trained), checked whole; every problem of the file's content is a
     one-line MetaError naming the file and ending with fix (a missing file stays
     FileNotFoundError)."""
-    if os.path.exists(path) and not os.path.isfile(path):  # a folder, or a FIFO that would block
-        raise MetaError(f"{path} is not a regular file; {fix}")
-    if os.path.getsize(path) > MAX_JSON_BYTES:
-        raise MetaError(f"{path} holds {os.path.getsize(path):,} bytes, more than any tokenizer "
-                        f"description ({MAX_JSON_BYTES:,}); {fix}")
-    with open(path, "rb") as f:
-        data = f.read()
+    try:
+        data = small_file(path)
+    except ValueError as e:
+        raise MetaError(f"{path} {e}; {fix}") from None
     try:
         meta = json_value(data)
     except ValueError as e:

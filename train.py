@@ -33,9 +33,11 @@ from classify import accuracy_eval, class_token_ids
 from convert import check_fits_uint16
 from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
 from files import atomic_write
-from lora import LoRAConfig, add_adapters, adapter_state, check_lora, freeze_base, is_adapter, lora_config
+from lora import LoRAConfig, add_adapters, check_lora, freeze_base, is_adapter, lora_config
 from model import GPT, GPTConfig, gpt_config
 from muon import make_muon
+from parallel import (all_ranks_finite, full, gathered, is_sharded, load_optimizer_state, model_state, no_sync,
+                      optimizer_state, parallelize, shard_bytes)
 from runtime import (Logger, Runtime, StopSignal, all_reduce_sum, peak_flops, print0, resolve_cpu_dtype,
                      setup_runtime)
 from settings import ConfigError, changed_settings, cli, config_dict, load_config, setting
@@ -88,6 +90,8 @@ class TrainConfig(GPTConfig, LoRAConfig):
     threads: int = setting(0, lo=0)  # CPU threads; 0: the cores not busy with other work (printed at start)
     dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: bf16 on CUDA; CPU: measured
     compile: bool = False
+    parallel: str = setting("ddp", choices=("ddp", "fsdp"))  # under torchrun: fsdp shards weights, grads, optimizer state
+    activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     seed: int = 1337
     lora_quant: str = setting("none", choices=("none", "int8", "nf4"))  # QLoRA: a quantized frozen base
 
@@ -263,13 +267,14 @@ class Objective(nn.Module):
 
 # ----------------------------------------------------------------------------- evaluation
 
-@torch.no_grad()
 def default_objective(model: GPT, loader) -> Objective:
     """The objective of pretraining, SFT and classification; another objective (e.g. one over
-    preference pairs) is a module with the same forward(x, y, w) and count(y, w)."""
+    preference pairs) is a module with the same forward(x, y, w) and count(y, w), and may add
+    figures of its own to each evaluation with metrics(run) (dpo.py: rewards, preference accuracy)."""
     return Objective(model, loss_only=isinstance(loader, Examples))
 
 
+@torch.no_grad()
 def estimate_loss(model, loaders: dict, cfg, run: Runtime, make_objective=default_objective) -> dict:
     """Loss per target over up to eval_iters batches of each split (the same batches every
     time). eval_iters is global, like gradient_accumulation_steps: each process runs its share."""
@@ -294,6 +299,8 @@ def estimate_loss(model, loaders: dict, cfg, run: Runtime, make_objective=defaul
             raise DataError(f"the {split} split has no training targets in its first "
                             f"{cfg.eval_iters} batches; check the dataset's loss masks")
         out[f"{split}_loss"] = loss_sum / count
+        if hasattr(objective, "metrics"):  # summed over the same batches, on every rank
+            out.update({f"{split}_{k}": v for k, v in objective.metrics(run).items()})
     model.train()
     return out
 
@@ -327,20 +334,16 @@ class Trainer:
         self.lora_base = lora_base  # a LoRA run saves its adapters and this reference to the base
         self.raw_model = model  # what checkpoints hold: no compile or DDP wrapper prefixes
         resolve_cpu_dtype(run, model, cfg.batch_size, cfg.block_size, cfg.dtype, (state or {}).get("dtype"))
-        self.optimizers = make_optimizers(cfg, model)
+        # example datasets (SFT, classification): the head runs only where a target counts
+        self.make_objective = make_objective
+        self.objective = make_objective(model, loaders["train"])
+        self.model = parallelize(self.objective, model, cfg, run)  # what a step calls (DDP, FSDP, compiled)
+        self.sharded = is_sharded(model)
+        self.optimizers = make_optimizers(cfg, model)  # after sharding: FSDP replaces the parameters
         self.iter_num, self.best_val_loss, self.elapsed0, self.saved_iter = 0, float("inf"), 0.0, None
         if state is not None:
             self.restore(state)
         self.start_iter, self.evaluated = self.iter_num, None
-        # example datasets (SFT, classification): the head runs only where a target counts
-        self.make_objective = make_objective
-        self.objective = objective = make_objective(model, loaders["train"])
-        if cfg.compile:
-            objective = torch.compile(objective)
-        if run.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            objective = DDP(objective, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
-        self.model = objective  # what a step calls: the objective, compiled and wrapped as asked
         self.accum = cfg.gradient_accumulation_steps // run.world_size
         self.params = [p for p in self.raw_model.parameters() if p.requires_grad]
         # Each micro-batch's loss is a sum over its targets; backward runs on sum / norm, a
@@ -363,7 +366,7 @@ class Trainer:
         learning_rate or weight_decay on resume takes effect (and config.json says so)."""
         for opt, saved in zip(self.optimizers, state["optimizer"]):
             fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
-            opt.load_state_dict(saved)
+            load_optimizer_state(self.raw_model, opt, saved, self.sharded)
             for group, settings in zip(opt.param_groups, fresh):
                 group.update(settings)
         if state.get("scaler"):
@@ -377,7 +380,7 @@ class Trainer:
                    "position; batches after the resume are drawn from the start of the stream")
 
     def weights_finite(self) -> bool:
-        return bool(torch.stack([p.detach().isfinite().all() for p in self.raw_model.parameters()]).all())
+        return all_ranks_finite([p.detach() for p in self.raw_model.parameters()], self.run)
 
     def save(self, best: bool = False) -> None:
         """ckpt.pt (the whole training state) or best.pt (the weights of the best evaluation);
@@ -386,16 +389,19 @@ class Trainer:
             raise RuntimeError(f"the weights became non-finite by iter {self.iter_num} (an update "
                                f"blew up); nothing was saved; {self.kept()}. Lower learning_rate "
                                "(or raise warmup_iters) and train again.")
-        if not self.run.master:
-            return
         model = self.raw_model
-        ckpt = {"model": adapter_state(model) if self.lora_base else model.state_dict(),
+        state = model_state(model, self.sharded)  # under FSDP every process takes part in the gather
+        optimizers = None if best else [optimizer_state(model, opt, self.sharded) for opt in self.optimizers]
+        if not self.run.master:  # rank 0 writes; the others keep count, as the next save is collective
+            self.saved_iter = self.iter_num if not best else self.saved_iter
+            return
+        ckpt = {"model": {k: v for k, v in state.items() if is_adapter(k)} if self.lora_base else state,
                 "model_config": config_dict(model.config), "train_config": config_dict(self.cfg),
                 "tokenizer": self.meta, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss}
         if self.lora_base:
             ckpt.update(lora_base=self.lora_base, lora=config_dict(model.lora))
         if not best:
-            ckpt.update(dtype=self.run.dtype, optimizer=[opt.state_dict() for opt in self.optimizers],
+            ckpt.update(dtype=self.run.dtype, optimizer=optimizers, parallel=self.cfg.parallel,
                         scaler=self.run.scaler.state_dict(), loader=self.loaders["train"].state_dict(),
                         elapsed_s=self.elapsed(), world_size=self.run.world_size)
         save_checkpoint(os.path.join(self.cfg.out_dir, "best.pt" if best else "ckpt.pt"), ckpt)
@@ -420,9 +426,13 @@ class Trainer:
         """Log val (and train) loss and extra metrics; save best.pt when val improves and
         ckpt.pt per the policy (checkpoint.py). True when the target is met."""
         cfg, it = self.cfg, self.iter_num
-        metrics = estimate_loss(self.raw_model, self.loaders["eval"], cfg, self.run, self.make_objective)
+        # under FSDP the losses go through the sharded objective itself (its hooks gather the
+        # weights), and the hooks that call the model directly run with the root's weights gathered
+        objective = (lambda model, loader: self.model) if self.sharded else self.make_objective
+        metrics = estimate_loss(self.raw_model, self.loaders["eval"], cfg, self.run, objective)
         if self.extra_eval is not None:
-            metrics.update(self.extra_eval(self.raw_model))
+            with gathered(self.model):
+                metrics.update(self.extra_eval(self.raw_model))
         val = metrics["val_loss"]
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         if self.loss_note:  # a step's loss weighs the other tokens too; evaluation scores targets alone
@@ -472,7 +482,7 @@ class Trainer:
             count += self.objective.count(y, w)
             # DDP: average gradients across processes on the last micro-step only
             last = micro == self.accum - 1
-            with nullcontext() if not run.ddp or last else self.model.no_sync():
+            with no_sync(self.model, last) if run.ddp else nullcontext():
                 with run.autocast:
                     loss, aux = self.model(x, y, w)
                 # MoE: the balancing loss is a sum over targets too, so it is scaled with the
@@ -490,7 +500,7 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         torch._foreach_mul_(grads, run.world_size * self.norm / count.clamp(min=1))
         clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.params, clip))
         loss, aux, grad_norm, n, stop = torch.stack([loss_sum / count.clamp(min=1), aux_sum / count.clamp(min=1),
                                                      grad_norm.float(), count, flag]).tolist()
         # fp16's GradScaler skips overflowing steps by itself; otherwise a non-finite norm is bad.
@@ -523,6 +533,8 @@ class Trainer:
                   "mfu": round(achieved / self.peak, 4), "grad_norm": round(result.grad_norm, 4)}
         if result.aux_loss is not None:
             record["aux_loss"] = round(result.aux_loss, 5)
+        if self.run.ddp:  # what this process holds: under FSDP about 1/N of DDP's
+            record["state_mb"] = {k: round(v / 1e6, 3) for k, v in shard_bytes(self.raw_model, self.optimizers).items()}
         bar = self.logger.bar
         self.logger.log(record, None if bar is not None and not bar.disable else
                         f"iter {self.iter_num}: step loss {result.loss:.4f}{self.loss_note}, {tok_s:,.0f} tok/s, "
@@ -659,6 +671,9 @@ def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ConfigError(f"{path} was trained with a different model config ({shown}); use "
                           "the same config to resume, or another out_dir")
+    if state.get("parallel", "ddp") != cfg.parallel:  # their optimizer states are laid out differently
+        raise ConfigError(f"{path} was trained with parallel = {state.get('parallel', 'ddp')!r}; resume it with "
+                          f"the same (on any number of processes)", "parallel")
     was = state["train_config"].get("dataset")
     if was != cfg.dataset:
         raise ConfigError(f"{path} was trained on dataset {was!r}, not {cfg.dataset!r}; resume "

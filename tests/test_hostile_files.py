@@ -80,9 +80,10 @@ def by_offset(header) -> list[str]:
     return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
 
 
-def set_entry(field, value, name=None):
+def set_entry(field, value):
+    """Change one field of the first tensor's entry."""
     def change(header):
-        header[name or by_offset(header)[0]][field] = value
+        header[by_offset(header)[0]][field] = value
         return header
     return change
 
@@ -103,7 +104,7 @@ def overlap(header):
     return header
 
 
-HEADER_CASES = {
+HEADER_CASES = {  # name: (change to the header, length field or None, message)
     "length_beyond_file": (lambda h: h, 10**12, r"header length 1,000,000,000,000 does not fit"),
     "not_json": (lambda h: b"{not json" + b" " * 40, None, r"its header is not valid JSON"),
     "not_utf8": (lambda h: b'{"\xff\xfe": 1}', None, r"its header is not UTF-8"),
@@ -114,8 +115,9 @@ HEADER_CASES = {
     "shape_not_sizes": (set_entry("shape", ["16", 16]), None, r"has shape \['16', 16\]"),
     "negative_size": (set_entry("shape", [-1, 16]), None, r"has shape \[-1, 16\]"),
     "too_many_dims": (set_entry("shape", [1] * 100), None, r"not a list of at most 8 sizes"),
-    "shape_vs_bytes": (set_entry("shape", [10**6, 10**6]), None, r"needs 4,000,000,000,000 bytes, but its data_offsets span"),
-    "offsets_reversed": (set_entry("data_offsets", [64, 0]), None, r"data_offsets \[64, 0\], not a \[start, end\] range"),
+    "shape_vs_bytes": (set_entry("shape", [10**6, 10**6]), None,
+                       r"needs 4,000,000,000,000 bytes, but its data_offsets span"),
+    "offsets_reversed": (set_entry("data_offsets", [64, 0]), None, r"data_offsets \[64, 0\], not a \[start, end\]"),
     "offsets_outside_file": (set_entry("data_offsets", [0, 10**15]), None, r"within the file's .* data bytes"),
     "offsets_not_numbers": (set_entry("data_offsets", [0, True]), None, r"data_offsets \[0, True\]"),
     "offsets_overlap": (overlap, None, r"starts at byte .* not at .* where the tensor before it ends"),
@@ -132,7 +134,7 @@ def test_safetensors_header_lies_are_named(llama, case):
 
 def test_safetensors_header_over_the_limit_is_refused_unread(llama, monkeypatch):
     monkeypatch.setattr(convert, "MAX_HEADER", 64)  # a 100 MB header needs no 100 MB test file
-    one_line_error(llama, r"model\.safetensors: .*header length [\d,]+ does not fit")
+    one_line_error(llama, r"model\.safetensors: .*header length [\d,]+ is over the 64-byte limit")
 
 
 def test_short_or_empty_safetensors_files(llama):
@@ -228,29 +230,39 @@ def test_a_symlink_into_the_folder_is_fine(llama):
 
 # ----------------------------------------------------------------------------- config.json
 
+def updated(**values):
+    return lambda config: config.update(values)
+
+
 CONFIG_CASES = {  # llama layout: (change, message)
     "missing_key": (lambda c: c.pop("hidden_size"), r"hidden_size is missing"),
-    "string_for_number": (lambda c: c.update(hidden_size="16"), r"hidden_size = '16' is not a whole number"),
-    "float_for_size": (lambda c: c.update(num_attention_heads=2.0), r"num_attention_heads = 2\.0 is not a whole"),
-    "bool_for_size": (lambda c: c.update(vocab_size=True), r"vocab_size = True is not a whole number"),
-    "null_size": (lambda c: c.update(intermediate_size=None), r"intermediate_size = None is not a whole number"),
-    "negative_size": (lambda c: c.update(hidden_size=-16), r"hidden_size = -16 is outside 1\.\."),
-    "zero_layers": (lambda c: c.update(num_hidden_layers=0), r"num_hidden_layers = 0 is outside 1\.\.2 "),
-    "absurd_layers": (lambda c: c.update(num_hidden_layers=10**9), r"num_hidden_layers = 1,000,000,000 is outside 1\.\.2 \(the weights hold 2 layers\)"),
-    "absurd_vocab": (lambda c: c.update(vocab_size=10**12), r"vocab_size = 1,000,000,000,000 is outside 1\.\.[\d,]+ \(the weights hold [\d,]+ numbers\)"),
-    "absurd_width": (lambda c: c.update(hidden_size=2**62), r"hidden_size = [\d,]+ is outside"),
-    "absurd_context": (lambda c: c.update(max_position_embeddings=10_000), r"max_position_embeddings = 10,000 needs rope tables larger than the weights"),
-    "heads_do_not_divide": (lambda c: c.update(num_attention_heads=3, head_dim=None), r"n_embd \(16\) must divide by n_head \(3\)"),
-    "eps_as_string": (lambda c: c.update(rms_norm_eps="1e-6"), r"rms_norm_eps = '1e-6' is not a positive number"),
-    "eps_zero": (lambda c: c.update(rms_norm_eps=0), r"rms_norm_eps = 0 is not a positive number"),
-    "nan_theta": (lambda c: c.update(rope_theta=float("nan")), r"rope_theta = nan is not a positive number"),
-    "nested_theta": (lambda c: c.update(rope_theta=None, rope_parameters={"rope_theta": "big"}),
+    "string_for_number": (updated(hidden_size="16"), r"hidden_size = '16' is not a whole number"),
+    "float_for_size": (updated(num_attention_heads=2.0), r"num_attention_heads = 2\.0 is not a whole"),
+    "bool_for_size": (updated(vocab_size=True), r"vocab_size = True is not a whole number"),
+    "null_size": (updated(intermediate_size=None), r"intermediate_size = None is not a whole number"),
+    "negative_size": (updated(hidden_size=-16), r"hidden_size = -16 is outside 1\.\."),
+    "zero_layers": (updated(num_hidden_layers=0), r"num_hidden_layers = 0 is outside 1\.\.2 "),
+    "absurd_layers": (updated(num_hidden_layers=10**9),
+                      r"num_hidden_layers = 1,000,000,000 is outside 1\.\.2 \(the weights hold 2 layers\)"),
+    "absurd_vocab": (updated(vocab_size=10**12),
+                     r"vocab_size = 1,000,000,000,000 is outside 1\.\.[\d,]+ \(the weights hold [\d,]+ numbers\)"),
+    "absurd_width": (updated(hidden_size=2**62), r"hidden_size = [\d,]+ is outside"),
+    "absurd_context": (updated(max_position_embeddings=10_000),
+                       r"max_position_embeddings = 10,000 needs rope tables larger than the weights"),
+    "heads_do_not_divide": (updated(num_attention_heads=3, head_dim=None),
+                            r"n_embd \(16\) must divide by n_head \(3\)"),
+    "eps_as_string": (updated(rms_norm_eps="1e-6"), r"rms_norm_eps = '1e-6' is not a positive number"),
+    "eps_zero": (updated(rms_norm_eps=0), r"rms_norm_eps = 0 is not a positive number"),
+    "nan_theta": (updated(rope_theta=float("nan")), r"rope_theta = nan is not a positive number"),
+    "nested_theta": (updated(rope_theta=None, rope_parameters={"rope_theta": "big"}),
                      r"rope_parameters\.rope_theta = 'big' is not a positive number"),
-    "rope_parameters_list": (lambda c: c.update(rope_parameters=[1]), r"rope_parameters = \[1\] is not an object"),
-    "bool_as_string": (lambda c: c.update(tie_word_embeddings="no"), r"tie_word_embeddings = 'no' is not true or false"),
-    "act_as_list": (lambda c: c.update(hidden_act=["silu"]), r"hidden_act = \['silu'\] is not a string"),
-    "architectures_garbled": (lambda c: c.update(architectures={"a": 1}, model_type=[1]), r"model_type \[1\] \(''\) is not one danlu imports"),
-    "huge_string": (lambda c: c.update(model_type="x" * 10**6, architectures=[]), r"model_type 'xxxx.*\.\.\. \(.*\) is not one danlu imports"),
+    "rope_parameters_list": (updated(rope_parameters=[1]), r"rope_parameters = \[1\] is not an object"),
+    "bool_as_string": (updated(tie_word_embeddings="no"), r"tie_word_embeddings = 'no' is not true or false"),
+    "act_as_list": (updated(hidden_act=["silu"]), r"hidden_act = \['silu'\] is not a string"),
+    "architectures_garbled": (updated(architectures={"a": 1}, model_type=[1]),
+                              r"model_type \[1\] \(''\) is not one danlu imports"),
+    "huge_string": (updated(model_type="x" * 10**6, architectures=[]),
+                    r"model_type 'xxxx.*\.\.\. \(.*\) is not one danlu imports"),
 }
 
 
@@ -262,13 +274,20 @@ def test_config_json_problems_name_the_field(llama, case):
     assert len(text) < 1000
 
 
+def test_null_optional_fields_read_as_their_defaults(llama):
+    """transformers reads null as the default; so does danlu (rather than passing None on)."""
+    edit_json(llama / "config.json", updated(rms_norm_eps=None, rope_theta=None, rope_parameters=None, head_dim=None))
+    config = load(llama)[0]
+    assert config.norm_eps == 0.0 and config.rope_theta == 10000.0
+
+
 @pytest.mark.parametrize("case", ["missing_n_embd", "string_n_layer", "absurd_n_positions", "act_as_list"])
 def test_gpt2_config_json_problems_name_the_field(gpt2, case):
     change, message = {
         "missing_n_embd": (lambda c: c.pop("n_embd"), r"n_embd is missing"),
-        "string_n_layer": (lambda c: c.update(n_layer="2"), r"n_layer = '2' is not a whole number"),
-        "absurd_n_positions": (lambda c: c.update(n_positions=10**15), r"n_positions = [\d,]+ is outside"),
-        "act_as_list": (lambda c: c.update(activation_function=[]), r"activation_function = \[\] is not a string"),
+        "string_n_layer": (updated(n_layer="2"), r"n_layer = '2' is not a whole number"),
+        "absurd_n_positions": (updated(n_positions=10**15), r"n_positions = [\d,]+ is outside"),
+        "act_as_list": (updated(activation_function=[]), r"activation_function = \[\] is not a string"),
     }[case]
     edit_json(gpt2 / "config.json", change)
     one_line_error(gpt2, r"config\.json: " + message)
@@ -302,24 +321,40 @@ def sentencepiece_json():
             "decoder": {"type": "Metaspace"}, "added_tokens": []}
 
 
+def split_regex(pattern):
+    """Change the Split pre-tokenizer's pattern (the regex a stranger's file hands to tiktoken)."""
+    return lambda tj: tj["pre_tokenizer"]["pretokenizers"][0].update(pattern=pattern)
+
+
+def drop_byte_a(tj):
+    tj["model"].update(vocab={k: v for k, v in tj["model"]["vocab"].items() if k != "A"}, merges=[])
+
+
+SPLIT = r"pre_tokenizer Split: its split pattern "
 TOKENIZER_CASES = {
-    "unigram": (lambda tj: tj.clear() or tj.update(sentencepiece_json()), r"a 'Unigram' model is not a byte-level BPE.*danlu reads GPT-2"),
-    "wordpiece": (lambda tj: tj.update(model={"type": "WordPiece", "vocab": {"a": 0}}), r"a 'WordPiece' model is not a byte-level BPE"),
-    "sentencepiece_bpe": (lambda tj: tj.update(decoder={"type": "Metaspace"}), r"a 'BPE' tokenizer with a 'Metaspace' decoder is not a byte-level BPE"),
+    "unigram": (lambda tj: tj.clear() or tj.update(sentencepiece_json()),
+                r"a 'Unigram' model is not a byte-level BPE.*danlu reads GPT-2"),
+    "wordpiece": (updated(model={"type": "WordPiece", "vocab": {"a": 0}}), r"a 'WordPiece' model is not a byte-level"),
+    "sentencepiece_bpe": (updated(decoder={"type": "Metaspace"}),
+                          r"a 'BPE' tokenizer with a 'Metaspace' decoder is not a byte-level BPE"),
     "no_model": (lambda tj: tj.pop("model"), r"model is not an object with a type"),
     "vocab_as_list": (lambda tj: tj["model"].update(vocab=["a"]), r"model\.vocab is not an object of token -> id"),
     "string_ids": (lambda tj: tj["model"]["vocab"].update(a="5"), r"model\.vocab is not an object of token -> id"),
     "absurd_id": (lambda tj: tj["model"]["vocab"].update(zz=10**12), r"id 1,000,000,000,000 is not near its"),
     "absurd_added_id": (lambda tj: tj["added_tokens"][0].update(id=10**12), r"id 1,000,000,000,000 is not near its"),
     "merge_without_space": (lambda tj: tj["model"].update(merges=["hell"]), r"model\.merges is not a list of merges"),
-    "added_not_objects": (lambda tj: tj.update(added_tokens=["<|endoftext|>"]), r"added_tokens is not a list of"),
-    "decoder_as_string": (lambda tj: tj.update(decoder="ByteLevel"), r"decoder is not an object"),
-    "pretokenizers_garbled": (lambda tj: tj["pre_tokenizer"].update(pretokenizers=[1]), r"pre_tokenizer\.pretokenizers is not a list of objects"),
-    "split_pattern_not_regex": (lambda tj: tj["pre_tokenizer"]["pretokenizers"][0].update(pattern="abc"), r"pre_tokenizer = \['Split', 'ByteLevel'\] is not supported"),
-    "split_regex_matches_empty": (lambda tj: tj["pre_tokenizer"]["pretokenizers"][0].update(pattern={"Regex": r"\s*"}), r"pre_tokenizer Split: its split pattern matches an empty piece"),
-    "split_regex_broken": (lambda tj: tj["pre_tokenizer"]["pretokenizers"][0].update(pattern={"Regex": "("}), r"pre_tokenizer Split: its split pattern does not compile"),
-    "split_regex_huge": (lambda tj: tj["pre_tokenizer"]["pretokenizers"][0].update(pattern={"Regex": "(?:(?:(?:a{1000}){1000}){1000}){1000}"}), r"pre_tokenizer Split: .*does not compile"),
-    "missing_bytes": (lambda tj: tj["model"].update(vocab={k: v for k, v in tj["model"]["vocab"].items() if v != 65}, merges=[]), r"the vocabulary lacks 1 of the 256 single bytes"),
+    "added_not_objects": (updated(added_tokens=["<|endoftext|>"]), r"added_tokens is not a list of"),
+    "decoder_as_string": (updated(decoder="ByteLevel"), r"decoder is not an object"),
+    "pretokenizers_garbled": (lambda tj: tj["pre_tokenizer"].update(pretokenizers=[1]),
+                              r"pre_tokenizer\.pretokenizers is not a list of objects"),
+    "split_pattern_not_regex": (split_regex("abc"), r"pre_tokenizer = \['Split', 'ByteLevel'\] is not supported"),
+    "split_regex_matches_empty": (split_regex({"Regex": r"\s*"}), SPLIT + r"matches an empty piece"),
+    "split_regex_broken": (split_regex({"Regex": "("}), SPLIT + r"does not compile \(Parsing error"),
+    "split_regex_empty_before_one_letter": (split_regex({"Regex": "(?=Å)|[^Å]+|Å"}),  # Å: in the probe text
+                                            SPLIT + r"matches an empty piece"),
+    "split_regex_huge": (split_regex({"Regex": "(?:(?:(?:a{1000}){1000}){1000}){1000}"}),
+                         SPLIT + r"does not compile \(Error compiling regex"),
+    "missing_bytes": (drop_byte_a, r"the vocabulary lacks 1 of the 256 single bytes"),
 }
 
 
@@ -331,7 +366,7 @@ def test_tokenizer_json_problems_say_what_was_found(llama, case):
 
 
 @pytest.mark.parametrize("blob, message", [(b"\xff\xfe", r"not UTF-8"), (b"{", r"not valid JSON"),
-                                           (b'"BPE"', r"a string, not a JSON object"), (b"null", r"null, not a JSON object")])
+                                           (b'"BPE"', r"a string, not a JSON"), (b"null", r"null, not a JSON")])
 def test_tokenizer_files_that_are_not_json_objects(llama, blob, message):
     (llama / "tokenizer.json").write_bytes(blob)
     one_line_error(llama, r"tokenizer\.json: " + message)
@@ -377,6 +412,10 @@ def test_huggingface_cache_snapshots_may_link_to_their_blobs(llama, tmp_path):
 
 # ----------------------------------------------------------------------------- meta.json
 
+def meta_file(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
 META_CASES = {
     "not_json": (b"{kind: char}", r"is not valid JSON"),
     "not_utf8": (b'{"kind": "\xff"}', r"is not UTF-8 text"),
@@ -384,18 +423,23 @@ META_CASES = {
     "a_string": (b'"char"', r"is not a tokenizer description \(it holds a string"),
     "nested_too_deep": (b'{"kind": ' + b"[" * 100_000, r"is not (valid|readable) JSON"),
     "number_too_long": (b'{"kind": "char", "vocab_size": ' + b"9" * 5000 + b"}", r"is not valid JSON"),
-    "chars_not_list": (json.dumps({"kind": "char", "chars": 5}).encode(), r"lacks or garbles its table"),
-    "chars_not_strings": (json.dumps({"kind": "char", "chars": [1, 2]}).encode(), r"char table holds entries that are not strings"),
-    "specials_as_list": (json.dumps({"kind": "char", "chars": ["a"], "special_tokens": ["x"]}).encode(), r"meta\.json: "),
-    "absurd_special_id": (json.dumps({"kind": "char", "chars": ["a"], "special_tokens": {"<x>": 10**12}}).encode(),
+    "chars_not_list": (meta_file(kind="char", chars=5), r"lacks or garbles its table"),
+    "chars_not_strings": (meta_file(kind="char", chars=[1, 2]), r"char table holds entries that are not strings"),
+    "specials_as_list": (meta_file(kind="char", chars=["a"], special_tokens=["x"]), r"meta\.json: "),
+    "specials_as_pairs": (meta_file(kind="char", chars=["a"], special_tokens=[[None, 0]]),
+                          r"special token names are not all strings"),
+    "absurd_special_id": (meta_file(kind="char", chars=["a"], special_tokens={"<x>": 10**12}),
                           r"token ids reach 1,000,000,000,000, beyond its 1-entry table"),
-    "negative_special_id": (json.dumps({"kind": "char", "chars": ["a"], "special_tokens": {"<x>": -3}}).encode(), r"not all whole numbers from 0"),
-    "unknown_encoding": (json.dumps({"kind": "tiktoken", "encoding": "../../etc/passwd"}).encode(), r"encoding '\.\./\.\./etc/passwd' is not one of tiktoken's"),
-    "bpe_bad_base64": (json.dumps({"kind": "bpe", "tokens_b64": ["!!"], "pattern": "."}).encode(), r"meta\.json: "),
-    "bpe_missing_bytes": (json.dumps(BPETokenizer([b"a"], ".").to_meta()).encode(), r"lacks 255 of the 256 single bytes"),
-    "bpe_empty_match": (json.dumps({**META, "pattern": "a*"}).encode(), r"matches an empty piece"),
-    "bpe_broken_pattern": (json.dumps({**META, "pattern": "(?<"}).encode(), r"(does not compile|lacks or garbles|meta\.json: )"),
-    "vocab_unk_not_a_token": (json.dumps({"kind": "vocab", "tokens": ["a"], "unk_token": "<unk>"}).encode(), r"unk_token '<unk>' is not one of its tokens"),
+    "negative_special_id": (meta_file(kind="char", chars=["a"], special_tokens={"<x>": -3}),
+                            r"not all whole numbers from 0"),
+    "unknown_encoding": (meta_file(kind="tiktoken", encoding="../../etc/passwd"),
+                         r"encoding '\.\./\.\./etc/passwd' is not one of tiktoken's"),
+    "bpe_bad_base64": (meta_file(kind="bpe", tokens_b64=["!!"], pattern="."), r"meta\.json: "),
+    "bpe_missing_bytes": (json.dumps(BPETokenizer([b"a"], ".").to_meta()).encode(), r"lacks 255 of the 256 single"),
+    "bpe_empty_match": (meta_file(**{**META, "pattern": "a*"}), r"matches an empty piece"),
+    "bpe_broken_pattern": (meta_file(**{**META, "pattern": "(?<"}), r"meta\.json: Parsing error at position 1"),
+    "vocab_unk_not_a_token": (meta_file(kind="vocab", tokens=["a"], unk_token="<unk>"),
+                              r"unk_token '<unk>' is not one of its tokens"),
 }
 
 
