@@ -891,8 +891,8 @@ def hf_architecture(config: GPTConfig, where: str) -> str:
     for key, value, ok in (("qk_norm", config.qk_norm, False), ("logit_softcap", config.logit_softcap, 0.0),
                            ("cls_head", config.cls_head, "lm")):
         if value != ok:
-            raise unsupported(where, key, value, "neither GPT2LMHeadModel nor LlamaForCausalLM has it; "
-                              "use --format=onnx, or train without it")
+            raise unsupported(where, key, value, "neither GPT2LMHeadModel nor LlamaForCausalLM has it (QK-norm "
+                              "is Qwen3's, which danlu does not write yet); use --format=onnx, or train without it")
     layouts = {"learned": ("GPT-2", {"norm": ("layernorm",), "mlp": ("gelu", "gelu_tanh")}),
                "rope": ("Llama", {"norm": ("rmsnorm",), "mlp": ("swiglu",)})}
     name, needs = layouts[config.pos_emb]
@@ -919,8 +919,8 @@ def save_hf(config: GPTConfig, state: dict, meta: dict, dest: str, card: str = "
     specials = meta.get("special_tokens", {})
     eos = end_token(meta)
     bos = meta.get("bos_token") or ("<|endoftext|>" if eos == "<|endoftext|>" else None)
+    # written even when null: left out, transformers' GPT-2 config would claim its own 50256
     ids = {"eos_token_id": specials.get(eos), "bos_token_id": specials.get(bos)}
-    ids = {k: v for k, v in ids.items() if v is not None}
     hf.update(ids, torch_dtype="float32", use_cache=True, initializer_range=0.02)
     files = {"config.json": hf, "generation_config.json": {**ids, "pad_token_id": ids.get("eos_token_id")},
              **tokenizer_files(meta, config.block_size)}

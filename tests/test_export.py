@@ -157,3 +157,13 @@ def test_export_needs_out_dir_and_dest():
         export.main(["--out_dir=weight/x"])
     with pytest.raises(ValueError, match="format"):
         export.main(["--out_dir=weight/x", "--dest=y", "--format=gguf"])
+
+
+def test_a_char_model_without_special_tokens_claims_no_bos_or_eos(tmp_path):
+    """Left out, transformers' GPT-2 config would say bos = eos = 50256, outside a char vocabulary."""
+    tok = CharTokenizer.from_text(TEXT)
+    config = GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=32, vocab_size=tok.vocab_size)
+    make_run(str(tmp_path / "run"), config, tok)
+    export.main([f"--out_dir={tmp_path / 'run'}", "--format=hf", f"--dest={tmp_path / 'hf'}"])
+    hf = json.load(open(tmp_path / "hf" / "config.json"))
+    assert hf["bos_token_id"] is None and hf["eos_token_id"] is None
