@@ -15,6 +15,10 @@ A folder is input from strangers: each file is checked before it is opened (insi
 a regular file), each header and JSON file before anything is allocated for it (a safetensors
 header that tiles its file, config.json sizes bounded by the weights present, tokenizer ids
 bounded by its entries), and every problem is one line of ConvertError naming file and field.
+
+Longer than the house's ~500 lines: every Hugging Face format danlu reads and writes (weights,
+configs, tokenizer.json) and the checks a stranger's folder needs stay in the one place that
+knows Hugging Face's names; the tokenizer half is the seam along which it would split next.
 """
 import dataclasses
 import json

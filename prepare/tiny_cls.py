@@ -39,6 +39,8 @@ Codebooks (--codebook, every parameter a flag):
 The embedded digits (prepare/digits.npz: 1,797 8x8 images, values 0..16, labels 0..9) are
 "Optical Recognition of Handwritten Digits" by E. Alpaydin and C. Kaynak, UCI ML Repository
 (CC BY 4.0), as distributed with scikit-learn; they are split 80/20, stratified, fixed seed.
+Longer than ~500 lines: four sources (digits, MNIST, token JSONL, image folders), each checked
+as a user's files must be, feed one writer.
 """
 import argparse
 import gzip
