@@ -32,8 +32,8 @@ from torch import Tensor
 from files import atomic_write
 from model import GPT, GPTConfig
 from settings import ConfigError
-from tokenizer import (CHAT_TOKENS, END_OF_TURN, ROLE_TOKENS, TiktokenTokenizer, json_kind, json_value, one_line,
-                       pattern_problem, small_file)
+from tokenizer import (CHAT_TOKENS, END_OF_TURN, TiktokenTokenizer, chat_template_jinja, json_kind,
+                       json_value, one_line, pattern_problem, small_file)
 
 GPT2_NAMES = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
 # GPT-2's pre-tokenizer: contractions, letters, digits, other symbols, each with one leading
@@ -757,10 +757,7 @@ def tokenizer_files(meta: dict, block_size: int) -> dict:
     named = {k: v for k, v in named.items() if v}
     config.update(named)
     if all(t in specials for t in CHAT_TOKENS):  # the template sample.py --chat and SFT use
-        config["chat_template"] = (
-            "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '"
-            + END_OF_TURN + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
-            + ROLE_TOKENS["assistant"] + "' }}{% endif %}")
+        config["chat_template"] = chat_template_jinja()
     return {"tokenizer.json": tokenizer_json(meta), "tokenizer_config.json": config,
             "special_tokens_map.json": named}
 

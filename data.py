@@ -297,8 +297,13 @@ class Examples:
         step = self.batch_size * self.world_size * self.accum
         full = len(order) // step * step
         steps = order[:full].reshape(-1, step)
-        steps = np.take_along_axis(steps, np.argsort((self.ends - self.starts)[steps], axis=1, kind="stable"), axis=1)
+        steps = np.take_along_axis(steps, np.argsort(self.lengths()[steps], axis=1, kind="stable"), axis=1)
         return np.concatenate([steps.ravel(), order[full:]])
+
+    def lengths(self) -> np.ndarray:
+        """The token count of each item the order holds (what group_by_length sorts by); a
+        subclass whose items are groups of examples (dpo.py's pairs) gives a group's."""
+        return self.ends - self.starts
 
     def collate(self, indices, device="cpu"):
         """(x, y, w) for the examples at indices; w is None unless 0 < prompt_loss_weight < 1."""

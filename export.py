@@ -1,8 +1,10 @@
 """
-Publish a run: a Hugging Face folder (transformers loads it) or an ONNX file (onnxruntime runs it).
+Publish a run: a Hugging Face folder (transformers loads it), an ONNX file (onnxruntime runs it)
+or a GGUF file (llama.cpp and Ollama run it).
 
     python export.py --out_dir=weight/<run> --format=hf --dest=DIR
     python export.py --out_dir=weight/<run> --format=onnx --dest=DIR
+    python export.py --out_dir=weight/<run> --format=gguf --dest=DIR [--gguf_dtype=f16]
     python export.py --out_dir=weight/<lora_run> --merge --dest=weight/<merged_run>
 
 hf writes config.json, model.safetensors, generation_config.json, the tokenizer files and a
@@ -11,9 +13,11 @@ GPT-2-layout runs become GPT2LMHeadModel, rope + rmsnorm + swiglu runs LlamaForC
 Qwen2ForCausalLM for q/k/v-only biases); convert.py holds the mapping. onnx writes
 DIR/model.onnx, token ids (batch, length) -> logits, both axes dynamic, and reports success only
 after onnxruntime has reproduced PyTorch's logits on inputs of other shapes than the traced one.
+gguf writes DIR/model.gguf (llama.cpp's gpt2, llama or qwen2 architecture, the tokenizer and chat
+template inside; gguf_export.py holds the mapping) and DIR/Modelfile for `ollama create`.
 --out_dir may also be a Hugging Face folder or a gpt2 name (to convert one to ONNX).
 A LoRA run (adapters + a reference to its base) exports as the merged model: --merge writes it as
-a plain danlu run (DEST/ckpt.pt, weights only, the adapters folded in), hf and onnx export it.
+a plain danlu run (DEST/ckpt.pt, weights only, the adapters folded in), hf, onnx and gguf export it.
 Mixture-of-experts runs have no Hugging Face class here: hf refuses them.
 """
 import dataclasses
@@ -37,9 +41,10 @@ from tokenizer import from_meta
 @dataclass
 class ExportConfig:
     out_dir: str = ""  # the run folder weight/<run> (or a Hugging Face folder, or a gpt2 name)
-    format: str = setting("hf", choices=("hf", "onnx"))
+    format: str = setting("hf", choices=("hf", "onnx", "gguf"))
     dest: str = ""  # the folder to write into (created when missing)
     onnx_atol: float = setting(1e-4, above=0.0)  # largest |onnxruntime - PyTorch| logit accepted
+    gguf_dtype: str = setting("f32", choices=("f32", "f16"))  # f16: matrices in float16 (half the file)
     merge: bool = False  # write a plain danlu run (LoRA adapters folded in) instead of --format
     overwrite: bool = False  # write into a --dest that holds other files (what export writes is replaced)
 
@@ -183,6 +188,21 @@ def write_merged(cfg: ExportConfig, ckpt: dict, t0: float) -> dict:
     return {"path": path}
 
 
+# ----------------------------------------------------------------------------- GGUF
+
+def write_gguf(cfg: ExportConfig, ckpt: dict, config, command: str, t0: float) -> dict:
+    from gguf_export import n_bytes, save_gguf
+    written = save_gguf(config, ckpt["model"], ckpt["tokenizer"], cfg.dest, cfg.gguf_dtype,
+                        os.path.basename(os.path.normpath(cfg.out_dir)), where=cfg.out_dir)
+    record_folder(cfg.dest, command)
+    for note in written.pop("notes"):
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {written['path']} ({written['architecture']}, {cfg.gguf_dtype}, {n_bytes(written['path'])}, "
+          f"{time.perf_counter() - t0:.1f}s) and {os.path.join(cfg.dest, 'Modelfile')}; run it with "
+          f"llama-cli -m {written['path']} --jinja, or ollama create NAME -f {os.path.join(cfg.dest, 'Modelfile')}")
+    return written
+
+
 # ----------------------------------------------------------------------------- entry point
 
 def main(argv=None) -> dict:
@@ -200,6 +220,8 @@ def main(argv=None) -> dict:
         written = write_merged(cfg, ckpt, t0)
         record_folder(cfg.dest, command)
         return written
+    if cfg.format == "gguf":
+        return write_gguf(cfg, ckpt, config, command, t0)
     if cfg.format == "hf" and config.n_expert:
         raise ConvertError(f"{cfg.out_dir}: n_expert = {config.n_expert} (a mixture of experts) has no "
                            "Hugging Face class danlu exports to; use --format=onnx, or sample it with sample.py")

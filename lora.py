@@ -11,6 +11,7 @@ the adapter state a LoRA run saves.
 """
 import dataclasses
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -247,3 +248,19 @@ def merge(model: GPT) -> GPT:
     merged = GPT(plain)
     merged.load_state_dict(state)
     return merged.to(model.lm_head.weight.device)
+
+
+@contextmanager
+def adapters_off(model: GPT):
+    """model as the base its adapters were added to: each LoRALinear / LoRAEmbedding runs its plain
+    layer's forward, skipping the low-rank updates and the new tokens' rows (both start at zero,
+    so this is the model a LoRA run started from): DPO's reference without a second copy, as
+    peft's disable_adapter() is."""
+    swapped = [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+    for m in swapped:
+        m.forward = super(type(m), m).forward  # nn.Linear's / nn.Embedding's, on the same weight
+    try:
+        yield model
+    finally:
+        for m in swapped:
+            del m.forward

@@ -150,6 +150,30 @@ def start_model(cfg: SFTConfig, run, model_cfg: GPTConfig, pretrained: dict, new
     return model, None, reference
 
 
+def fine_tune_setup(cfg: SFTConfig, run, data_dir: str, meta: dict, loaders_for):
+    """What a fine-tune (sft.py, dpo.py) does before training: read the base (a LoRA run merged),
+    check the data's tokenizer against it, grow the vocabulary, build the loaders
+    (loaders_for(cfg, data_dir, meta, run, vocab_size)), turn epochs into max_iters, claim the
+    run folder. Returns (base checkpoint, new token ids, model config, loaders, examples per iter)."""
+    if cfg.out_dir and os.path.abspath(cfg.out_dir) == os.path.abspath(cfg.base):
+        raise ConfigError(f"out_dir = {cfg.out_dir} is the base run itself; a fine-tune writes a new run: "
+                          "give another out_dir (e.g. weight/sft_<name>)", "out_dir")
+    pretrained = plain_checkpoint(cfg.base)  # a danlu run (LoRA: merged), a Hugging Face folder or a gpt2 name
+    new_ids = check_tokenizer(pretrained["tokenizer"], meta, cfg.base, data_dir,
+                              pretrained.get("train_config", {}).get("dataset", "<pretrain-name>"))
+    padded = model_config_for(dataclasses.replace(cfg, vocab_size=0), meta).vocab_size  # train.py's rule
+    if cfg.lora_rank:  # the new chat tokens' rows train beside the adapters
+        cfg.lora_new_tokens_from = new_ids.start if len(new_ids) else 0
+    model_cfg = sft_model_config(cfg, pretrained["model_config"], padded)
+    loaders = loaders_for(cfg, data_dir, meta, run, model_cfg.vocab_size)
+    per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
+    if cfg.max_iters == 0:  # a batch never straddles two epochs, so an epoch is n // per_iter
+        cfg.max_iters = max(1, round(cfg.epochs * (len(loaders["train"]) // per_iter)))
+    prepare_run(cfg, run)
+    claim_run_folder(cfg)
+    return pretrained, new_ids, model_cfg, loaders, per_iter
+
+
 def main(argv=None) -> dict:
     cfg = load_config(SFTConfig, sys.argv[1:] if argv is None else argv)
     if not cfg.base or not cfg.dataset:
@@ -161,22 +185,7 @@ def main(argv=None) -> dict:
     if not os.path.exists(os.path.join(data_dir, "train.mask.bin")):
         raise ConfigError(f"{data_dir} has no loss masks: it is not an SFT dataset. Make one with "
                           f"python prepare/sft.py --input FILE --name NAME --base data/<pretrain>")
-    if cfg.out_dir and os.path.abspath(cfg.out_dir) == os.path.abspath(cfg.base):
-        raise ConfigError(f"out_dir = {cfg.out_dir} is the base run itself; SFT writes a new run: "
-                          "give another out_dir (e.g. weight/sft_<name>)", "out_dir")
-    pretrained = plain_checkpoint(cfg.base)  # a danlu run (LoRA: merged), a Hugging Face folder or a gpt2 name
-    new_ids = check_tokenizer(pretrained["tokenizer"], meta, cfg.base, data_dir,
-                              pretrained.get("train_config", {}).get("dataset", "<pretrain-name>"))
-    padded = model_config_for(dataclasses.replace(cfg, vocab_size=0), meta).vocab_size  # train.py's rule
-    if cfg.lora_rank:  # the new chat tokens' rows train beside the adapters
-        cfg.lora_new_tokens_from = new_ids.start if len(new_ids) else 0
-    model_cfg = sft_model_config(cfg, pretrained["model_config"], padded)
-    loaders = make_loaders(cfg, data_dir, meta, run, model_cfg.vocab_size)
-    per_iter = cfg.batch_size * cfg.gradient_accumulation_steps
-    if cfg.max_iters == 0:  # a batch never straddles two epochs, so an epoch is n // per_iter
-        cfg.max_iters = max(1, round(cfg.epochs * (len(loaders["train"]) // per_iter)))
-    prepare_run(cfg, run)
-    claim_run_folder(cfg)
+    pretrained, new_ids, model_cfg, loaders, per_iter = fine_tune_setup(cfg, run, data_dir, meta, make_loaders)
 
     model, state, lora_base = start_model(cfg, run, model_cfg, pretrained, new_ids)
     del pretrained

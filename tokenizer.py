@@ -36,6 +36,22 @@ END_OF_TURN = "<|end|>"
 CHAT_TOKENS = list(ROLE_TOKENS.values()) + [END_OF_TURN]
 
 
+def chat_template_jinja() -> str:
+    """The chat format as a Jinja template (Hugging Face's and llama.cpp's chat_template):
+    <|role|> content <|end|> per message, then <|assistant|> for the reply; render_conversation
+    writes the same ids (tests/test_export.py and tests/test_gguf.py check both)."""
+    return ("{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '"
+            + END_OF_TURN + "' }}{% endfor %}{% if add_generation_prompt %}{{ '"
+            + ROLE_TOKENS["assistant"] + "' }}{% endif %}")
+
+
+# The split pattern of byte-level BPEs danlu trains (prepare/tokenizer.py; the GGUF export names
+# it): GPT-4's, except that a run of CJK characters is a piece of its own (docs/data.md).
+CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}ー"
+SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+[^\P{L}" + CJK + r"]+| ?[" + CJK
+                 + r"]+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
+
+
 class Tokenizer:
     """Base class: subclasses implement _encode_text/_decode_bytes and the meta fields."""
 

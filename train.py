@@ -631,6 +631,8 @@ def claim_run_folder(cfg) -> None:
     resume), never replaced by a new one unless --overwrite asks for it, which says what goes.
     A stale best.pt of the replaced run is removed at once: sample.py would read it first."""
     held = [n for n in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+    if cfg.overwrite and cfg.init_from == "auto":
+        cfg.init_from = "scratch"  # --overwrite asks to start over, not to resume what is there
     if not held or (cfg.init_from in ("auto", "resume") and "ckpt.pt" in held):
         return
     if not cfg.overwrite:

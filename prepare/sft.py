@@ -288,7 +288,7 @@ def _encode(tok, record, max_length: int, counts: Counter):
     if not any(mask):  # the cut left no assistant turn
         counts["no_target"] += 1
         return None
-    if any(_unencodable(tok, m["content"]) for m in kept):
+    if any(unencodable(tok, m["content"]) for m in kept):
         counts["unencodable"] += 1
         return None
     counts.update(notes)
@@ -300,7 +300,7 @@ def _encode(tok, record, max_length: int, counts: Counter):
     return ids, mask
 
 
-def _unencodable(tok, text: str) -> bool:
+def unencodable(tok, text: str) -> bool:
     """True when text has visible characters and a char table knows none of them: the turn
     would train on an empty (or blank) text that stands for something else. Other tokenizers
     encode any text (tiktoken) or map unknown words to an unk token (vocab)."""
@@ -344,7 +344,7 @@ def _convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counte
 
 # ----------------------------------------------------------------------------- dataset
 
-def _split(all_prefix: str, out_dir: str, vocab_size: int, val_fraction: float, seed: int,
+def split_records(all_prefix: str, out_dir: str, vocab_size: int, val_fraction: float, seed: int,
            record_ids, n_read: int):
     """Copy the examples of <all_prefix>.* into train and val. Val is drawn among all records
     read (a seeded shuffle), not among those kept: preparing again with another --max_length
@@ -357,10 +357,12 @@ def _split(all_prefix: str, out_dir: str, vocab_size: int, val_fraction: float, 
     n = len(starts)
     rank = np.random.default_rng(seed).permutation(n_read)[np.asarray(record_ids, dtype=np.int64)]  # (n,)
     is_val = rank < max(1, round(n_read * val_fraction))
-    if n >= 2 and not is_val.any():  # keep both splits non-empty when there are 2 examples
-        is_val[np.argmin(rank)] = True
+    # Keep both splits non-empty when there are 2 records. A record's examples share its rank
+    # and move together (prepare/dpo.py writes two per record: a pair is never split).
+    if n >= 2 and not is_val.any():
+        is_val = rank == rank.min()
     if n >= 2 and is_val.all():
-        is_val[np.argmax(rank)] = False
+        is_val = rank != rank.max()
     writers = {split: data.ExampleWriter(out_dir, split, vocab_size, with_mask=True)
                for split in ("train", "val")}
     for i in range(n):  # file order is kept within each split; the loader shuffles
@@ -445,7 +447,7 @@ def _write_splits(inputs, val_inputs, tok, out_dir, val_fraction, seed, options)
     all_prefix = os.path.join(out_dir, "_all")
     splits = {}
     if counts["kept"]:
-        splits = _split(all_prefix, out_dir, tok.vocab_size, val_fraction, seed, record_ids,
+        splits = split_records(all_prefix, out_dir, tok.vocab_size, val_fraction, seed, record_ids,
                         counts["read"])
     for suffix in (".bin", ".idx", ".mask.bin"):
         os.remove(all_prefix + suffix)

@@ -43,9 +43,7 @@ from prepare.text import EOT, documents, list_inputs, read_chunks  # noqa: E402
 # character per piece was worse: 0.943 on the poems.
 # A newline between two non-space characters stays a piece of its own, which prepare/text.py's
 # chunking relies on. "ー" (the kana length mark) is script Common, so it is named.
-CJK = r"\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}ー"
-SPLIT_PATTERN = (r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+[^\P{L}" + CJK + r"]+| ?[" + CJK
-                 + r"]+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+")
+SPLIT_PATTERN = tokenizer.SPLIT_PATTERN  # kept in tokenizer.py, which runtime code (GGUF export) reads too
 CHAT_ROOM = len(tokenizer.CHAT_TOKENS)  # ids prepare/sft.py appends
 MAX_VOCAB = 65535 - CHAT_ROOM
 EVAL_BYTES = 4 << 20

@@ -156,7 +156,7 @@ def test_export_needs_out_dir_and_dest():
     with pytest.raises(ValueError, match="--out_dir=weight/<run>.*--dest=DIR"):
         export.main(["--out_dir=weight/x"])
     with pytest.raises(ValueError, match="format"):
-        export.main(["--out_dir=weight/x", "--dest=y", "--format=gguf"])
+        export.main(["--out_dir=weight/x", "--dest=y", "--format=tflite"])
 
 
 def test_a_char_model_without_special_tokens_claims_no_bos_or_eos(tmp_path):

@@ -14,7 +14,7 @@ import settings
 import train
 from conftest import ROOT, TINY, run_script
 
-ENTRY_POINTS = ["train.py", "sft.py", "sample.py", "eval.py", "export.py", "serve.py", "bench.py"]
+ENTRY_POINTS = ["train.py", "sft.py", "dpo.py", "sample.py", "eval.py", "export.py", "serve.py", "bench.py"]
 
 
 @pytest.mark.parametrize("script", ENTRY_POINTS)

@@ -68,7 +68,8 @@ def free_port() -> int:
 
 
 def test_two_nodes_on_loopback_train_and_resume(data):
-    """torchrun --nnodes=2 started twice, as on two machines: one process per node."""
+    """torchrun --nnodes=2 started twice, as on two machines: one process per node; a second
+    pair of launchers resumes what the first saved, to the losses of one 2-process run."""
     def launch(node_rank, port, max_iters):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
                "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
@@ -76,7 +77,7 @@ def test_two_nodes_on_loopback_train_and_resume(data):
                "--parallel=fsdp", "--out_dir=weight/nodes"]
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
-    for max_iters in (3, 6):  # the second pair of launchers resumes what the first saved
+    for max_iters in (3, 6):
         port = free_port()
         nodes = [launch(rank, port, max_iters) for rank in (0, 1)]
         outs = [p.communicate(timeout=300) for p in nodes]

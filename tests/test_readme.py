@@ -35,8 +35,8 @@ ALL = [c for page in PAGES for c in commands(page)]
 
 def settings_of(script: str):
     """The settings class of an entry script, or None for argparse scripts (prepare/)."""
-    import bench, eval as danlu_eval, export, sample, serve, sft, train  # noqa: E401
-    return {"train.py": train.TrainConfig, "sft.py": sft.SFTConfig, "sample.py": sample.SampleConfig,
+    import bench, dpo, eval as danlu_eval, export, sample, serve, sft, train  # noqa: E401
+    return {"train.py": train.TrainConfig, "sft.py": sft.SFTConfig, "dpo.py": dpo.DPOConfig, "sample.py": sample.SampleConfig,
             "eval.py": danlu_eval.EvalConfig, "export.py": export.ExportConfig, "serve.py": serve.ServeConfig,
             "bench.py": bench.BenchConfig}.get(script)
 
