@@ -75,6 +75,7 @@ def measured(out_dir: str) -> list[str]:
         speeds = [r["tok_per_s"] for r in steps if r.get("tok_per_s")]
         if speeds:
             lines.append(f"- throughput {sorted(speeds)[len(speeds) // 2]:,.0f} tokens/s (median of logged steps)")
+    evals = [r for r in evals if r["iter"] > 0]  # iteration 0 scores the weights before any training
     if evals:
         best = min(evals, key=lambda r: r["val_loss"])
         lines.append(f"- best val loss {best['val_loss']:.4f} at iteration {best['iter']} "
