@@ -16,6 +16,16 @@ pytest.importorskip("torch.distributed.fsdp")
 FSDP = ARGS + ["--gradient_accumulation_steps=4", "--lr_decay_iters=6", "--eval_interval=3", "--max_iters=6"]
 
 
+def run(*args, nproc=2):
+    """torchrun, once more if a process died of SIGSEGV: seen once in 20+ runs of this file, in a
+    gloo collective on a loaded 2-core machine (not reproduced in 40 runs since; see the session
+    note). Wrong numbers or any other failure still fail the test."""
+    r = torchrun(*args, nproc=nproc)
+    if r.returncode != 0 and "SIGSEGV" in r.stderr:
+        r = torchrun(*args, nproc=nproc)
+    return r
+
+
 def losses(out_dir):
     return [r["train_loss"] for r in read_log(out_dir) if "lr" in r]
 
@@ -31,7 +41,7 @@ def test_fsdp_equals_ddp_equals_one_process(data):
     import train
     train.main(FSDP + ["--out_dir=weight/one"])
     for name, extra in (("ddp", []), ("fsdp", ["--parallel=fsdp"]), ("fsdp_ac", ["--parallel=fsdp", "--activation_checkpointing"])):
-        r = torchrun(*FSDP, f"--out_dir=weight/{name}", *extra)
+        r = run(*FSDP, f"--out_dir=weight/{name}", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
     one = losses("weight/one")
     # the same sums in another order (shards, processes): float32 rounding, nothing more
@@ -43,11 +53,11 @@ def test_fsdp_equals_ddp_equals_one_process(data):
 
 
 def test_fsdp_resumes_exactly_on_another_number_of_processes(data):
-    r = torchrun(*FSDP, "--parallel=fsdp", "--out_dir=weight/whole")
+    r = run(*FSDP, "--parallel=fsdp", "--out_dir=weight/whole")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(*FSDP[:-1], "--max_iters=3", "--parallel=fsdp", "--out_dir=weight/split")
+    r = run(*FSDP[:-1], "--max_iters=3", "--parallel=fsdp", "--out_dir=weight/split")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(*FSDP, "--parallel=fsdp", "--out_dir=weight/split", nproc=1)  # 2 -> 1 process
+    r = run(*FSDP, "--parallel=fsdp", "--out_dir=weight/split", nproc=1)  # 2 -> 1 process
     assert r.returncode == 0, r.stderr[-3000:]
     # the same steps; 1 process adds its 4 micro-batches where 2 added 2 each and reduced: rounding only
     assert np.allclose(losses("weight/split"), losses("weight/whole"), rtol=1e-6)
@@ -82,6 +92,6 @@ def test_two_nodes_on_loopback_train_and_resume(data):
         nodes = [launch(rank, port, max_iters) for rank in (0, 1)]
         outs = [p.communicate(timeout=300) for p in nodes]
         assert all(p.returncode == 0 for p in nodes), [o[1][-2000:] for o in outs]
-    r = torchrun(*FSDP, "--parallel=fsdp", "--out_dir=weight/reference")
+    r = run(*FSDP, "--parallel=fsdp", "--out_dir=weight/reference")
     assert r.returncode == 0
     assert np.allclose(losses("weight/nodes"), losses("weight/reference"), rtol=1e-6)
