@@ -79,19 +79,35 @@ def keep_freed_memory() -> bool:
     return all(libc.mallopt(option, value) == 1 for option, value in settings)
 
 
+def busy_cores(seconds: float = 0.25) -> float:
+    """How many cores other work keeps busy now: the machine's non-idle CPU time over a short
+    look (/proc/stat). Not the load average, which still counts a job that ended a minute ago."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # total, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):  # not Linux
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def pick_threads(requested: int = 0) -> tuple[int, str]:
     """(CPU threads for torch, why): --threads when given, else OMP_NUM_THREADS when set, else
-    the cores this process may use less those other work keeps busy (the 1-minute load
-    average). On a shared machine torch's default (every core) collapses: a 2-core VM with
-    another job running trained 3-10x slower at 2 threads than at 1 (docs/lab-notes.md)."""
+    the cores this process may use less those other work keeps busy right now. On a shared
+    machine torch's default (every core) collapses: a 2-core VM with another job running
+    trained 3-10x slower at 2 threads than at 1 (docs/lab-notes.md)."""
     if requested:
         return requested, "--threads"
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = busy_cores()
     threads = max(1, min(cores, round(cores - busy)))
-    return threads, f"{cores} cores, load {busy:.1f}" + (": the rest are busy" if threads < cores else "")
+    return threads, f"{cores} cores, {busy:.1f} busy" + (" with other work" if threads < cores else "")
 
 
 def setup_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtime:

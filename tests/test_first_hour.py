@@ -61,11 +61,14 @@ def test_threads_fit_the_machine(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert runtime.pick_threads(3) == (3, "--threads")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 1.0, 1.0))
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 1.2)
     n, why = runtime.pick_threads(0)
-    assert n == 1 and "2 cores, load 1.2" in why  # one core is busy: one thread
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
+    assert n == 1 and "2 cores, 1.2 busy" in why  # one core is busy: one thread
+    monkeypatch.setattr(runtime, "busy_cores", lambda: 0.1)
     assert runtime.pick_threads(0)[0] == 2
+    monkeypatch.undo()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert 0 <= runtime.busy_cores(0.05) <= (os.cpu_count() or 1) + 0.01  # the real look at /proc/stat
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert runtime.pick_threads(0) == (1, "OMP_NUM_THREADS")
 
