@@ -53,8 +53,9 @@ def check_lora(cfg) -> None:
     """ConfigError for lora_targets that name no known target (any config holding the keys)."""
     unknown = [t for t in target_set(cfg) if t not in LORA_TARGETS]
     if unknown or (cfg.lora_rank and not target_set(cfg)):
-        raise ConfigError(f"lora_targets = {cfg.lora_targets!r}: {'unknown target ' + repr(unknown[0]) if unknown else 'empty'}; "
-                          f"give a comma-separated list from {','.join(LORA_TARGETS)}", "lora_targets")
+        what = f"unknown target {unknown[0]!r}" if unknown else "empty"
+        raise ConfigError(f"lora_targets = {cfg.lora_targets!r}: {what}; give a comma-separated list from "
+                          f"{','.join(LORA_TARGETS)}", "lora_targets")
 
 
 def lora_config(source, **changes) -> LoRAConfig:
@@ -81,7 +82,8 @@ class LoRALinear(nn.Linear):
         self.weight, self.bias = base.weight, base.bias  # the same tensors: a tied head stays tied
         self.parts, self.scale = parts, alpha / max(rank, 1)
         device = base.weight.device
-        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(rank, self.in_features, device=device)) for n in parts})
+        self.lora_A = nn.ParameterDict({n: nn.Parameter(torch.empty(rank, self.in_features, device=device))
+                                        for n in parts})
         self.lora_B = nn.ParameterDict({n: nn.Parameter(torch.zeros(b - a, rank, device=device))
                                         for n, (a, b) in parts.items()})
         self.lora_dropout = nn.Dropout(dropout)
@@ -175,8 +177,9 @@ def add_adapters(model: GPT, cfg: LoRAConfig, adapters: dict | None = None) -> G
             chosen = {p: (a, b) for p, (target, a, b) in parts.items() if target in targets}
             for p, (a, b) in chosen.items():
                 if cfg.lora_rank > min(linear.in_features, b - a):
-                    raise ConfigError(f"lora_rank = {cfg.lora_rank} is larger than {name}'s {p} ({linear.in_features} "
-                                      f"-> {b - a}); a low-rank update needs a rank below both: lower lora_rank", "lora_rank")
+                    raise ConfigError(f"lora_rank = {cfg.lora_rank} is larger than {name}'s {p} "
+                                      f"({linear.in_features} -> {b - a}); a low-rank update needs a rank below "
+                                      "both: lower lora_rank", "lora_rank")
             extra = name == "lm_head" and head_rows is not None
             if chosen or extra:
                 parent, _, leaf = name.rpartition(".")

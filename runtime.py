@@ -282,8 +282,9 @@ def resolve_cpu_dtype(run: Runtime, model, batch_size: int, seq_len: int, reques
         if seconds is None:
             print0(f"dtype auto: timing a {rows} x {seq_len} step in float32 and in bf16 on this model, once "
                    f"(kept in {cache_path('cpu_dtype.json')}; --dtype=float32 skips it)")
+            bf16 = torch.autocast("cpu", dtype=torch.bfloat16)
             seconds = {"float32": probe_step_seconds(model, rows, seq_len, nullcontext()),
-                       "bfloat16": probe_step_seconds(model, rows, seq_len, torch.autocast("cpu", dtype=torch.bfloat16))}
+                       "bfloat16": probe_step_seconds(model, rows, seq_len, bf16)}
             write_cache("cpu_dtype.json", key, seconds)
         speedup = seconds["float32"] / seconds["bfloat16"]
         choice = "bfloat16" if speedup >= BF16_MIN_SPEEDUP else "float32"

@@ -133,7 +133,8 @@ def start_model(cfg: SFTConfig, run, model_cfg: GPTConfig, pretrained: dict, new
                               f"{cfg.base}; pick another out_dir, or --init_from=scratch --overwrite to replace it")
         if reference is not None and reference["sha256"] != state["lora_base"]["sha256"]:
             raise CheckpointError(f"{cfg.out_dir} holds LoRA adapters of an earlier {cfg.base} (its weights "
-                                  "changed since); put that base back, or train new adapters on this one in another out_dir")
+                                  "changed since); put that base back, or train new adapters on this one in "
+                                  "another out_dir")
         if reference is not None:
             model = add_adapters(base_model(pretrained, model_cfg, new_ids), lora_config(cfg), state.pop("model"))
             report_trainable(model)

@@ -88,9 +88,9 @@ class TrainConfig(GPTConfig, LoRAConfig):
     # system
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     threads: int = setting(0, lo=0)  # CPU threads; 0: the cores not busy with other work (printed at start)
-    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: bf16 on CUDA; CPU: measured
+    dtype: str = setting("auto", choices=("auto", "float32", "bfloat16", "float16"))  # auto: CUDA bf16; CPU measured
     compile: bool = False
-    parallel: str = setting("ddp", choices=("ddp", "fsdp"))  # under torchrun: fsdp shards weights, grads, optimizer state
+    parallel: str = setting("ddp", choices=("ddp", "fsdp"))  # torchrun: fsdp shards weights, grads, optimizer
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
     seed: int = 1337
     lora_quant: str = setting("none", choices=("none", "int8", "nf4"))  # QLoRA: a quantized frozen base
