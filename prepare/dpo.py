@@ -31,11 +31,10 @@ import array  # noqa: E402
 import time  # noqa: E402
 from collections import Counter  # noqa: E402
 
-from tqdm import tqdm  # noqa: E402
-
 import data  # noqa: E402
 import tokenizer  # noqa: E402
-from prepare.sft import RecordError, UnknownRoleError, iter_records, split_records, to_messages, unencodable  # noqa: E402
+from prepare.sft import (RecordError, UnknownRoleError, convert_records, split_records, to_messages,  # noqa: E402
+                         unencodable)
 from settings import cli  # noqa: E402
 from tokenizer import CHAT_TOKENS, fit_conversation, render_conversation  # noqa: E402
 
@@ -83,36 +82,6 @@ def encode_pair(tok, record, max_length: int, counts: Counter) -> list[tuple[lis
     return pair
 
 
-def convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counter, bad: list, record_ids) -> None:
-    """Every record of paths into writer as two examples; record_ids gets the record's number
-    (in reading order, from 0) once per example, so the split keeps the pair together."""
-    def skip(location, message):
-        counts["malformed"] += 1
-        if len(bad) < 5:  # a few examples for the report
-            bad.append(f"{location}: {message}")
-
-    def skip_unreadable(location, message):  # a JSONL line that never became a record
-        counts["read"] += 1
-        skip(location, message)
-
-    for path in paths:
-        records = iter_records(path, skip_unreadable if skip_bad else None)
-        for location, record in tqdm(records, desc=os.path.basename(path), unit=" rec", disable=None, leave=False):
-            counts["read"] += 1
-            try:
-                pair = encode_pair(tok, record, max_length, counts)
-            except RecordError as e:
-                if not skip_bad:
-                    raise RecordError(f"{location}: {e} (pass --skip_bad to skip such records)") from None
-                skip(location, str(e))
-                continue
-            if pair is not None:
-                for ids, mask in pair:
-                    writer.add(ids, mask)
-                    record_ids.append(counts["read"] - 1)
-                counts["kept"] += 1
-
-
 def build_dpo_dataset(inputs, base_dir, out_dir, max_length=1024, val_fraction=0.05, skip_bad=False,
                       seed=1337) -> dict:
     """Preference record files -> a DPO dataset in out_dir; returns the summary (also saved in
@@ -128,7 +97,7 @@ def build_dpo_dataset(inputs, base_dir, out_dir, max_length=1024, val_fraction=0
     counts, bad, record_ids = Counter(), [], array.array("q")
     with data.building(out_dir) as build_dir:  # a failure leaves an earlier out_dir as it was
         writer = data.ExampleWriter(build_dir, "_all", tok.vocab_size, with_mask=True)
-        convert(inputs, tok, writer, max_length, skip_bad, counts, bad, record_ids)
+        convert_records(inputs, tok, writer, max_length, skip_bad, counts, bad, record_ids, encode=encode_pair)
         writer.close()
         if not counts["kept"]:
             raise ValueError(f"no preference pair was kept out of {counts['read']} records read ({dict(counts)})")

@@ -310,10 +310,18 @@ def unencodable(tok, text: str) -> bool:
     return bool(visible) and not any(c in tok.stoi for c in visible)
 
 
-def _convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counter, bad: list,
-             record_ids=None):
-    """Stream every record of paths into writer, counting what happens to each. record_ids,
-    when given, gets the number (in reading order, from 0) of each record kept."""
+def sft_examples(tok, record, max_length: int, counts: Counter) -> list | None:
+    """[(ids, mask)]: a record's one training example, or None when it is skipped (counted)."""
+    encoded = _encode(tok, record, max_length, counts)
+    return None if encoded is None else [encoded]
+
+
+def convert_records(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counter, bad: list,
+                    record_ids=None, encode=sft_examples) -> None:
+    """Stream every record of paths into writer as encode(tok, record, max_length, counts)'s
+    examples (SFT: one; prepare/dpo.py: a chosen and a rejected one), counting what happens to
+    each record. record_ids, when given, gets the record's number (in reading order, from 0)
+    once per example, so a split keeps a record's examples together."""
     def skip(location, message):
         counts["malformed"] += 1
         if len(bad) < 5:  # a few examples for the report, not a copy of every bad line
@@ -329,17 +337,18 @@ def _convert(paths, tok, writer, max_length: int, skip_bad: bool, counts: Counte
                                      disable=None, leave=False):
             counts["read"] += 1
             try:
-                encoded = _encode(tok, record, max_length, counts)
+                examples = encode(tok, record, max_length, counts)
             except RecordError as e:
                 if not skip_bad:
                     raise RecordError(f"{location}: {e} (pass --skip_bad to skip such records)") from None
                 skip(location, str(e))
                 continue
-            if encoded is not None:
-                writer.add(*encoded)
+            if examples is not None:
+                for ids, mask in examples:
+                    writer.add(ids, mask)
+                    if record_ids is not None:
+                        record_ids.append(counts["read"] - 1)
                 counts["kept"] += 1
-                if record_ids is not None:
-                    record_ids.append(counts["read"] - 1)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -434,15 +443,15 @@ def _write_splits(inputs, val_inputs, tok, out_dir, val_fraction, seed, options)
     if val_inputs:
         writers = {s: data.ExampleWriter(out_dir, s, tok.vocab_size, with_mask=True)
                    for s in ("train", "val")}
-        _convert(inputs, tok, writers["train"], *options)
-        _convert(val_inputs, tok, writers["val"], *options)
+        convert_records(inputs, tok, writers["train"], *options)
+        convert_records(val_inputs, tok, writers["val"], *options)
         return {s: w.close() for s, w in writers.items()}
     # Val is a seeded random subset, so examples go to a temporary split first (on disk, not
     # in memory) and are copied out once their number is known.
     all_writer = data.ExampleWriter(out_dir, "_all", tok.vocab_size, with_mask=True)
     record_ids = array.array("q")
     counts = options[2]  # options: (max_length, skip_bad, counts, bad), as _convert takes them
-    _convert(inputs, tok, all_writer, *options, record_ids=record_ids)
+    convert_records(inputs, tok, all_writer, *options, record_ids=record_ids)
     all_writer.close()
     all_prefix = os.path.join(out_dir, "_all")
     splits = {}
