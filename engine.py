@@ -2,9 +2,12 @@
 The one way danlu turns a prompt or a conversation into a reply: loading a model for
 inference, fitting a conversation's history to the window, the UTF-8 constraint on byte-level
 tokenizers, the decode loop (KV cache, context shift past the window, top-k / top-p, stop
-tokens), text streamed whole characters at a time, stop strings, and reply(). sample.py,
-serve.py, eval.py and sft.py all decode through here.
+tokens), continuous batching (BatchDecoder: many requests as one batch, joining and leaving at
+any step, for serve.py), text streamed whole characters at a time, stop strings, and reply().
+sample.py, serve.py, eval.py and sft.py all decode through here.
 """
+import collections
+import contextlib
 import sys
 
 import torch
@@ -13,7 +16,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from checkpoint import load_model
-from model import GPT
+from model import GPT, KVCache
 from runtime import Runtime, setup_runtime
 from settings import ConfigError
 from tokenizer import END_OF_TURN, StreamDecoder, Tokenizer, fit_conversation, from_meta, render_conversation
@@ -46,6 +49,12 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     restricted to the top_k most likely tokens and the smallest set holding top_p of the mass."""
     if temperature <= 1e-6:  # greedy; a tinier temperature would only overflow into NaN
         return logits.argmax(dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float) -> Tensor:
+    """sample_next's distribution (B, V) at temperature > 0; each row on its own."""
     logits = logits / temperature
     if top_k is not None and 0 < top_k < logits.size(-1):
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -58,8 +67,7 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
         drop = probs.cumsum(dim=-1) - probs >= top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    return F.softmax(logits, dim=-1)
 
 
 def constraint_distance(constraint: Tensor) -> Tensor:
@@ -144,6 +152,180 @@ def generate(model: GPT, idx: Tensor, max_new_tokens: int, temperature: float = 
     new = list(generate_stream(model, idx, max_new_tokens, temperature, top_k, top_p, stop_tokens,
                                use_cache, generator, constraint))
     return torch.cat([idx, torch.stack(new, dim=1)], dim=1) if new else idx
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+class CacheView:
+    """Rows of a pooled KVCache (slot a, or slots 0 .. b - 1) for the model's cache.update."""
+    update = KVCache.update
+
+    def __init__(self, cache: KVCache, rows: slice):
+        self.k, self.v = cache.k[rows], cache.v[rows]
+
+
+class Row:
+    """One request in a BatchDecoder: its sampling settings and where it has got to."""
+
+    def __init__(self, ids, max_new_tokens, temperature, top_k, top_p, generator, stop_tokens, owed, tag):
+        self.ids, self.max_new_tokens, self.generator = list(ids), max_new_tokens, generator
+        self.temperature, self.top_k, self.top_p = temperature, top_k or None, top_p
+        self.stop_tokens, self.owed, self.tag = set(stop_tokens), owed, tag
+        self.state = self.n = 0  # the constraint's state; tokens made so far
+        self.slot = None  # its rows in the cache pool, once it has one
+        self.context, self.prefilled, self.pos = [], 0, 0  # tokens to prefill, how many are in; next position
+        self.done = False
+        self.seq = 0  # admission order: the oldest prefills first
+
+
+class BatchDecoder:
+    """Continuous batching: the rows in flight decode as one batch, one token each per step,
+    and rows join and leave at any step. The KV cache is a pool of `slots` preallocated rows of
+    block_size positions (made on first use); a row waits for a free slot, then its prompt is
+    prefilled into it `chunk` tokens per step between decode steps, so a long prompt does not
+    stall the others. Each row keeps its own sampling settings, generator, stop tokens, UTF-8
+    constraint state and length, and samples exactly as generate_stream does for one row
+    (context shift past the window included); only the float rounding of a batched forward
+    can differ from a forward of that row alone."""
+
+    def __init__(self, model: GPT, slots: int = 8, chunk: int = 64, autocast=None):
+        self.model, self.chunk, self.autocast = model, chunk, autocast or contextlib.nullcontext()
+        self.block = model.config.block_size
+        self.keep = max(1, self.block - max(1, self.block // 4))  # tokens kept at a context shift
+        self.caches = None
+        self.slots: list[Row | None] = [None] * slots
+        self.waiting = collections.deque()
+        self.owed_tables = {}  # id(constraint) -> (tokens still owed per (state, token), constraint)
+        self.admitted = 0
+
+    def add(self, ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float = 1.0, generator: torch.Generator | None = None, stop_tokens=(),
+            constraint: Tensor | None = None, tag=None) -> Row:
+        """Queue a request; its tokens come out of step() as (row, token); row.tag is the caller's."""
+        if not ids or max_new_tokens < 1:
+            raise ValueError("a row needs a prompt and max_new_tokens >= 1")
+        owed = None
+        if constraint is not None:
+            if id(constraint) not in self.owed_tables:
+                table = constraint.long()
+                # a forbidden move owes more than any budget, as in generate_stream
+                owed = torch.where(table >= 0, constraint_distance(table)[table.clamp(min=0)], 2 ** 40)
+                self.owed_tables[id(constraint)] = (owed, table, constraint)  # constraint: keeps the id alive
+            owed = self.owed_tables[id(constraint)][:2]
+        row = Row(ids, max_new_tokens, temperature, top_k, top_p, generator, stop_tokens, owed, tag)
+        self.waiting.append(row)
+        return row
+
+    def remove(self, row: Row) -> None:
+        """Drop a row (its client left, or a stop string ended it); its slot is free at once."""
+        row.done = True
+        if row.slot is not None:
+            self.slots[row.slot], row.slot = None, None
+        elif row in self.waiting:
+            self.waiting.remove(row)
+
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    def rows(self) -> list[Row]:
+        return [r for r in self.slots if r is not None] + list(self.waiting)
+
+    def _start(self, row: Row, context: list[int]) -> None:
+        row.context, row.prefilled, row.pos = context, 0, 0
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Row, int]]:
+        """One round: waiting rows take free slots; rows whose cache is full shift their context;
+        up to `chunk` prompt tokens are prefilled (a row whose prompt is in makes its first
+        token); every row that was already decoding makes one token, in one forward. Returns
+        the (row, token) pairs made; a row that is done (a stop token, max_new_tokens) has
+        left its slot."""
+        if self.caches is None:
+            self.caches = self.model.make_caches(len(self.slots), self.block)
+        while self.waiting and None in self.slots:
+            row = self.waiting.popleft()
+            row.slot, row.seq = self.slots.index(None), self.admitted
+            self.slots[row.slot], self.admitted = row, self.admitted + 1
+            self._start(row, row.ids[-self.block:])
+        for row in self.slots:
+            if row is not None and row.prefilled == len(row.context) and row.pos >= self.block:
+                self._start(row, row.ids[-self.keep:])  # context shift, as generate_stream
+        decoding = [r for r in self.slots if r is not None and r.prefilled == len(r.context)]
+        pending = []  # (row, its logits (1, V)) to sample from
+        with self.autocast, sdpa_kernel(DECODE_BACKENDS):
+            budget = self.chunk
+            for row in sorted((r for r in self.slots if r is not None and r.prefilled < len(r.context)),
+                              key=lambda r: r.seq):
+                if budget <= 0:
+                    break
+                # chunks end at multiples of `chunk`, whatever else runs: a row's floats never
+                # depend on the others
+                a = row.prefilled
+                b = min(len(row.context), (a // self.chunk + 1) * self.chunk)
+                x = torch.tensor([row.context[a:b]], dtype=torch.long, device=self.device)
+                views = [CacheView(c, slice(row.slot, row.slot + 1)) for c in self.caches]
+                h = self.model.body(x, views, a)
+                row.prefilled, budget = b, budget - (b - a)
+                if b == len(row.context):
+                    row.pos = b
+                    pending.append((row, self.model.head(h[:, -1, :]).float()))
+            if len(decoding) == 1:  # one row: the plain int-position step (no key mask to build)
+                r = decoding[0]
+                x = torch.tensor([[r.ids[-1]]], dtype=torch.long, device=self.device)
+                h = self.model.body(x, [CacheView(c, slice(r.slot, r.slot + 1)) for c in self.caches], r.pos)
+                r.pos += 1
+                pending.append((r, self.model.head(h[:, -1, :]).float()))
+            elif decoding:
+                hi = max(r.slot for r in decoding) + 1
+                tokens, pos = [0] * hi, [0] * hi
+                for r in self.slots[:hi]:  # a slot not decoding gets a dummy where it writes next
+                    if r is not None:
+                        pos[r.slot] = r.pos if r in decoding else min(r.prefilled, self.block - 1)
+                for r in decoding:
+                    tokens[r.slot] = r.ids[-1]
+                x = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]
+                p = torch.tensor(pos, dtype=torch.long, device=self.device)
+                h = self.model.body(x, [CacheView(c, slice(0, hi)) for c in self.caches], p)
+                logits = self.model.head(h[:, -1, :]).float()  # (hi, V)
+                for r in decoding:
+                    r.pos += 1
+                    pending.append((r, logits[r.slot:r.slot + 1]))
+        return self._sample(pending)
+
+    @property
+    def device(self):
+        return self.model.lm_head.weight.device
+
+    def _sample(self, pending: list[tuple[Row, Tensor]]) -> list[tuple[Row, int]]:
+        """A token for each row from its logits, as sample_next draws it for that row alone.
+        Rows with the same temperature, top_k and top_p share one filtering pass (row-wise
+        operations: each row's numbers are those it gets alone); each draws with its own
+        generator."""
+        groups = {}
+        for row, logits in pending:
+            if row.owed is not None:  # tokens still to come after this one
+                logits = logits.masked_fill(row.owed[0][row.state] > row.max_new_tokens - row.n - 1, float("-inf"))
+            groups.setdefault((row.temperature, row.top_k, row.top_p), []).append((row, logits))
+        made = []
+        for (temperature, top_k, top_p), items in groups.items():
+            logits = torch.cat([lg for _, lg in items])
+            if temperature <= 1e-6:  # greedy, as sample_next
+                tokens = logits.argmax(dim=-1).tolist()
+            else:
+                probs = sampling_probs(logits, temperature, top_k, top_p)
+                tokens = [int(torch.multinomial(probs[i:i + 1], 1, generator=row.generator))
+                          for i, (row, _) in enumerate(items)]
+            made += [(row, self._take(row, t)) for (row, _), t in zip(items, tokens)]
+        return made
+
+    def _take(self, row: Row, t: int) -> int:
+        if row.owed is not None:
+            row.state = int(row.owed[1][row.state, t].clamp(min=0))
+        row.ids.append(t)
+        row.n += 1
+        if t in row.stop_tokens or row.n >= row.max_new_tokens:
+            self.remove(row)
+        return t
 
 
 # ----------------------------------------------------------------------------- text

@@ -114,7 +114,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, k: Tensor, v: Tensor, pos: int) -> tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor, pos) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, nkv, T, hs) at positions pos.. and return the keys and values so far.
+        pos a LongTensor (B,) (T == 1, a batched decode step): row b writes at its own pos[b],
+        and the keys up to the largest pos come back (the caller masks each row's tail)."""
+        if isinstance(pos, Tensor):
+            rows = torch.arange(k.size(0), device=k.device)
+            self.k[rows, :, pos], self.v[rows, :, pos] = k[:, :, 0], v[:, :, 0]
+            S = int(pos.max()) + 1
+            return self.k[:, :, :S], self.v[:, :, :S]
         T = k.size(2)
         self.k[:, :, pos:pos + T] = k
         self.v[:, :, pos:pos + T] = v
@@ -137,7 +145,8 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.attn_impl = config.attn_impl
 
-    def forward(self, x: Tensor, rope=None, cache: KVCache | None = None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rope=None, cache: KVCache | None = None, pos: int | Tensor = 0) -> Tensor:
+        """pos: where x starts; a LongTensor (B,) for one position per row, each at its own."""
         B, T, C = x.size()
         hs, nh, nkv = self.head_size, self.n_head, self.n_kv_head
         q, k, v = self.c_attn(x).split([nh * hs, nkv * hs, nkv * hs], dim=2)
@@ -146,8 +155,12 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, nkv, hs).transpose(1, 2)  # (B, nkv, T, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        per_row = isinstance(pos, Tensor)
         if rope is not None:
-            cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
+            if per_row:  # (B, 1, 1, hs/2): each row's own angles
+                cos, sin = rope[0][pos][:, None, None], rope[1][pos][:, None, None]
+            else:
+                cos, sin = rope[0][pos:pos + T], rope[1][pos:pos + T]
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, pos)  # (B, nkv, pos + T, hs)
@@ -157,9 +170,12 @@ class CausalSelfAttention(nn.Module):
         # Query i sits at absolute position pos + i and may see keys 0 .. pos + i.
         S = k.size(2)
         mask = None
-        if pos > 0 and T > 1:
+        if per_row:  # row b sees keys 0 .. pos[b]: (B, 1, 1, S)
+            mask = (torch.arange(S, device=x.device) <= pos[:, None])[:, None, None]
+        elif pos > 0 and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=S - T)
-        causal = pos == 0  # with T == 1 the causal mask is a no-op; a plain bool keeps torch.export happy
+        # with T == 1 the causal mask is a no-op; a plain bool keeps torch.export happy
+        causal = not per_row and pos == 0
         dropout = self.dropout if self.training else 0.0
         if self.attn_impl == "sdpa":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
@@ -215,7 +231,7 @@ class MoE(nn.Module):
     every expert takes all the tokens routed to it, however many (no capacity, nothing
     dropped), so a token's output never depends on the rest of the batch. An optional shared
     expert sees every token (DeepSeekMoE). The router's probabilities and choices of the last
-    forward stay in probs / chosen for the load-balancing loss (GPT.balance_loss)."""
+    forward stay in probs / chosen for the load-balancing loss (train.balance_loss)."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -266,7 +282,7 @@ class Block(nn.Module):
         self.ln_2 = Norm(config.n_embd, config.norm, config.bias, config.norm_eps)
         self.mlp = MoE(config) if config.n_expert else MLP(config)
 
-    def forward(self, x: Tensor, rope=None, cache=None, pos: int = 0) -> Tensor:
+    def forward(self, x: Tensor, rope=None, cache=None, pos: int | Tensor = 0) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, pos)
         return x + self.mlp(self.ln_2(x))
 
@@ -345,40 +361,24 @@ class GPT(nn.Module):
             active -= cfg.n_layer * (cfg.n_expert - cfg.moe_top_k) * expert
         return 6 * active + 12 * cfg.n_layer * cfg.n_embd * T
 
-    # ------------------------------------------------------------------ MoE
-
-    def balance_loss(self, mask: Tensor, reduction: str) -> Tensor:
-        """The load-balancing loss of the last forward (Switch Transformer, per sequence as in
-        DeepSeek-V3): per row, E * sum_e f_e P_e over the positions whose loss counts (mask
-        (B, T), their weights), f_e the share of the row's top-k slots expert e took and P_e its
-        mean router probability; 1 when balanced, E when one expert takes everything; averaged
-        over layers. "sum" weighs each row by its count, like the cross-entropy sum, so the
-        training loop's division by the step's target count makes it a mean per target that
-        micro-batching and processes do not change; "mean" divides by the count here."""
-        E, k = self.config.n_expert, self.config.moe_top_k
-        mask = mask.float()
-        n = mask.sum(1)  # (B,)
-        total = torch.zeros((), device=mask.device)
-        for block in self.transformer.h:
-            picked = F.one_hot(block.mlp.chosen, E).sum(2).float()  # (B, T, E)
-            f = (mask.unsqueeze(-1) * picked).sum(1) / (k * n.clamp(min=1e-8)).unsqueeze(-1)  # (B, E)
-            P = (mask.unsqueeze(-1) * block.mlp.probs).sum(1) / n.clamp(min=1e-8).unsqueeze(-1)  # (B, E)
-            total = total + (E * (f * P).sum(1) * n).sum()
-        total = total / self.config.n_layer
-        return total if reduction == "sum" else total / n.sum().clamp(min=1e-8)
-
     # ------------------------------------------------------------------ forward
 
-    def body(self, idx: Tensor, caches=None, pos: int = 0) -> Tensor:
-        """Token ids (B, T) at positions pos .. pos+T-1 -> final hidden states (B, T, C)."""
+    def body(self, idx: Tensor, caches=None, pos: int | Tensor = 0) -> Tensor:
+        """Token ids (B, T) at positions pos .. pos+T-1 -> final hidden states (B, T, C).
+        pos a LongTensor (B,) with T == 1 and caches: a batched decode step, row b at pos[b]."""
         B, T = idx.size()
-        if pos + T > self.config.block_size:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than block_size "
+        per_row = isinstance(pos, Tensor)
+        last = int(pos.max()) if per_row else pos
+        if per_row and (T != 1 or caches is None):
+            raise ValueError("per-row positions take one token per row, and a cache")
+        if last + T > self.config.block_size:
+            raise ValueError(f"sequence of {last + T} tokens is longer than block_size "
                              f"{self.config.block_size}")
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos_emb == "learned":
-            x = x + self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device))
+            x = x + (self.transformer.wpe(pos)[:, None] if per_row else
+                     self.transformer.wpe(torch.arange(pos, pos + T, device=idx.device)))
         else:
             rope = (self.rope_cos, self.rope_sin)
         x = self.transformer.drop(x)

@@ -11,10 +11,13 @@ Safe to leave running: it answers only to its own names (localhost, --host, --al
 no DNS rebinding), takes bodies only as application/json (no cross-site form posts), and
 bounds what a request may cost (size, tokens, stop strings, image pixels, requests in flight).
 
-One worker thread runs every model and takes turns one token at a time between the requests in
-flight: each reply starts without waiting for the others to end, and each has its own KV cache
-and random generator, so a reply is the same alone or beside seven others, and the same request
-with the same seed gives the same reply.
+One worker thread runs every model. Completions are continuously batched (engine.BatchDecoder):
+the requests in flight decode as one batch, one token each per step, and a new one joins as
+soon as its prompt is prefilled, in chunks between steps; past --batch_slots requests wait for
+a slot. Each has its own KV cache slot, sampling settings and random generator, so the same
+request with the same seed gives the same reply, alone or beside seven others (up to the float
+rounding of a batched forward). --batching=False keeps the older way: requests take turns one
+token at a time.
 
 What a request may ask, and who may ask, is api.py. The rest stays here, longer than the house's
 ~500 lines: the routes, the worker that interleaves requests and the image input are one path
@@ -46,11 +49,11 @@ from api import (MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE, MIN_TOP_P, ApiError
                  parse_json, validation_message)
 from classify import class_names, class_probs, class_token_ids
 from data import dataset_path
-from engine import StopStrings, decode_stream, fit_history, load_for_inference
+from engine import BatchDecoder, StopStrings, decode_stream, fit_history, load_for_inference, utf8_constraint
 from images import ImageError, image_codebook, image_ids as encode_image, image_pixels, read_image
 from images import token_ids as wrap_tokens
 from settings import ConfigError, check_settings, cli, load_config, setting
-from tokenizer import CHAT_TOKENS
+from tokenizer import CHAT_TOKENS, StreamDecoder
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
@@ -67,6 +70,9 @@ class ServeConfig:
     max_messages: int = setting(64, lo=1)
     max_request_bytes: int = setting(1_000_000, lo=1024)
     max_in_flight: int = setting(32, lo=1)  # requests generating or waiting; more get 429
+    batching: bool = True  # decode the requests in flight as one batch (False: take turns a token each)
+    batch_slots: int = setting(8, lo=1)  # requests decoding at once per model (KV cache rows); more wait
+    prefill_chunk: int = setting(64, lo=1)  # prompt tokens prefilled between two decode steps
     allowed_hosts: str = ""  # names to answer to besides localhost and --host (comma-separated; *: any)
 
     def __post_init__(self):
@@ -153,15 +159,26 @@ class Job:
 FINISHED = object()  # the last item of every job
 
 
-class Worker:
-    """The one thread that runs the models. Requests take turns a step (one token) each, round
-    robin: a short reply is not stuck behind a long one, and no two requests share a tensor."""
+def deliver(pairs: list) -> None:
+    """On the event loop: each (job, item) to its job's queue."""
+    for job, item in pairs:
+        job.out.put_nowait(item)
 
-    def __init__(self, max_in_flight: int):
-        self.max_in_flight = max_in_flight
+
+class Worker:
+    """The one thread that runs the models. Completions are continuously batched (batching on):
+    each model's BatchDecoder decodes the requests in flight as one batch, one token each per
+    step, new ones joining as their prompts are prefilled between steps. Other work (classifying,
+    or every request with batching off) takes turns a step each, round robin: a short reply is
+    not stuck behind a long one."""
+
+    def __init__(self, max_in_flight: int, slots: int = 8, chunk: int = 64):
+        self.max_in_flight, self.slots, self.chunk = max_in_flight, slots, chunk
         self.incoming = queue.Queue()
         self.in_flight = 0
         self.lock = threading.Lock()
+        self.batches: dict[str, BatchDecoder] = {}  # per model name
+        self.utf8 = {}  # per model name: its tokenizer's UTF-8 constraint (or None)
         threading.Thread(target=self._loop, name="danlu-worker", daemon=True).start()
 
     def submit(self, job: Job) -> None:
@@ -172,25 +189,82 @@ class Worker:
             self.in_flight += 1
         self.incoming.put(job)
 
+    def _end(self, job: Job, error: Exception | None = None, out: list | None = None) -> None:
+        """The job is over: it leaves the count in flight, and its last items go (to out if given)."""
+        if job.steps is not None:
+            job.steps.close()
+        with self.lock:
+            self.in_flight -= 1
+        items = ([] if error is None else [error]) + [FINISHED]
+        if out is None:
+            for item in items:
+                job.put(item)
+        else:
+            out += [(job, item) for item in items]
+
+    def _admit(self, job: Job, jobs: collections.deque) -> None:
+        if not isinstance(job, TextJob):
+            jobs.append(job)
+            return
+        try:
+            s = job.s
+            if s.name not in self.batches:
+                self.batches[s.name] = BatchDecoder(s.model, self.slots, self.chunk, s.run.autocast)
+                self.utf8[s.name] = utf8_constraint(s.tok, s.model.config.vocab_size, s.run.device)
+            job.start(self.batches[s.name], self.utf8[s.name])
+        except Exception as e:
+            self._end(job, e)
+
+    def _batch_step(self, batch: BatchDecoder) -> None:
+        for row in batch.rows():
+            if row.tag.cancelled:
+                batch.remove(row)
+                self._end(row.tag)
+        if not batch.busy():
+            return
+        try:
+            made = batch.step()
+        except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
+            for row in batch.rows():
+                batch.remove(row)
+                self._end(row.tag, e)
+            batch.caches = None
+            return
+        out = []  # (job, item): handed to the event loop in one call per step, not one per token
+        for row, t in made:
+            job = row.tag
+            items, ended = job.reply.token(t)
+            if not ended and row.done:  # max_tokens
+                items += job.reply.end()
+            elif ended and not row.done:  # a stop string
+                batch.remove(row)
+            out += [(job, item) for item in items if item != ""]
+            if ended or row.done:
+                self._end(job, out=out)
+        for loop in {job.loop for job, _ in out}:
+            try:
+                loop.call_soon_threadsafe(deliver, [(job, item) for job, item in out if job.loop is loop])
+            except RuntimeError:  # the event loop has closed: the server is shutting down
+                pass
+
     def _loop(self) -> None:
         jobs = collections.deque()
         while True:
-            if not jobs:
-                jobs.append(self.incoming.get())  # idle: sleep until a request comes
+            if not jobs and not any(b.busy() for b in self.batches.values()):
+                self._admit(self.incoming.get(), jobs)  # idle: sleep until a request comes
             while not self.incoming.empty():
-                jobs.append(self.incoming.get_nowait())
+                self._admit(self.incoming.get_nowait(), jobs)
+            for batch in self.batches.values():
+                self._batch_step(batch)
+            if not jobs:
+                continue
             job = jobs.popleft()
             try:
                 item = FINISHED if job.cancelled else next(job.steps, FINISHED)
             except Exception as e:  # a bug or an out-of-memory: fail this request, keep serving
                 item = e
             if item is FINISHED or isinstance(item, Exception):
-                job.steps.close()
-                with self.lock:
-                    self.in_flight -= 1
-                if isinstance(item, Exception):
-                    job.put(item)
-                job.put(FINISHED)
+                self._end(job, item if isinstance(item, Exception) else None)
             else:
                 job.put(item)
                 jobs.append(job)
@@ -227,6 +301,52 @@ def generate_steps(s: Served, ids: list[int], req, stop_tokens: list[int]):
             reason = "stop"
             break
     yield Finish(reason, n, first or time.perf_counter(), time.perf_counter())
+
+
+class Reply:
+    """A completion's text from its tokens: whole characters, cut at a stop token or string,
+    and the Finish that ends it; what generate_steps does, fed one token at a time."""
+
+    def __init__(self, s: Served, req, stop_tokens: list[int]):
+        self.decoder, self.stops, self.stop_tokens = StreamDecoder(s.tok), StopStrings(req.stop_list()), stop_tokens
+        self.n, self.reason, self.first = 0, "length", None
+
+    def token(self, t: int) -> tuple[list, bool]:
+        """(items to send, whether the reply has ended)."""
+        self.n, self.first = self.n + 1, self.first or time.perf_counter()
+        if t in self.stop_tokens:
+            self.reason = "stop"
+            return self.end(), True
+        text, hit = self.stops.feed(self.decoder.feed(t))
+        if hit:
+            self.reason = "stop"
+            return [text, self.finish()], True
+        return [text], False
+
+    def end(self) -> list:
+        """The last text (what the decoder and the stop-string matcher held) and the Finish."""
+        text, hit = self.stops.feed(self.decoder.flush())
+        if hit:
+            self.reason = "stop"
+        return [text + ("" if hit else self.stops.flush()), self.finish()]
+
+    def finish(self) -> Finish:
+        return Finish(self.reason, self.n, self.first or time.perf_counter(), time.perf_counter())
+
+
+class TextJob(Job):
+    """A completion that the worker runs in its model's BatchDecoder."""
+
+    def __init__(self, s: Served, ids: list[int], req, stop_tokens: list[int], loop):
+        super().__init__(None, loop)
+        self.s, self.ids, self.req, self.stop_tokens = s, ids, req, stop_tokens
+        self.reply = Reply(s, req, stop_tokens)
+
+    def start(self, batch: BatchDecoder, constraint) -> None:
+        req = self.req
+        generator = torch.Generator(device=self.s.run.device).manual_seed(req.seed)
+        batch.add(self.ids, req.max_tokens, req.temperature, req.top_k or None, req.top_p, generator,
+                  self.stop_tokens, constraint, tag=self)
 
 
 def classify_steps(s: Served, ids: list[int]):
@@ -426,7 +546,7 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
 
     app.openapi = openapi
     app.state.closing = False
-    worker = Worker(cfg.max_in_flight)
+    worker = Worker(cfg.max_in_flight, cfg.batch_slots, cfg.prefill_chunk)
     api_key = cfg.api_key or os.environ.get("DANLU_API_KEY", "")
 
     @app.exception_handler(ApiError)
@@ -502,14 +622,17 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         if req.seed is None:
             req.seed = secrets.randbits(63)
 
-    def submit(steps) -> Job:
-        job = Job(steps, asyncio.get_running_loop())
+    def submit(steps, job: Job | None = None) -> Job:
+        job = job or Job(steps, asyncio.get_running_loop())
         worker.submit(job)  # before any response starts, so a busy server can still say 429
         return job
 
     async def respond(request, req: Sampling, s: Served, ids: list[int], stop_tokens, chat: bool):
         t0 = time.perf_counter()
-        job = submit(generate_steps(s, ids, req, stop_tokens))
+        if cfg.batching:
+            job = submit(None, TextJob(s, ids, req, stop_tokens, asyncio.get_running_loop()))
+        else:
+            job = submit(generate_steps(s, ids, req, stop_tokens))
         done = Completion(job, request, req, s, len(ids), chat, t0)
         if req.stream:
             return StreamingResponse(done.events(), media_type="text/event-stream",

@@ -223,6 +223,27 @@ def step_seed(seed: int, rank: int, it: int) -> int:
 
 # ----------------------------------------------------------------------------- the objective
 
+def balance_loss(model: GPT, mask: Tensor, reduction: str) -> Tensor:
+    """The load-balancing loss of the last forward (Switch Transformer, per sequence as in
+    DeepSeek-V3): per row, E * sum_e f_e P_e over the positions whose loss counts (mask
+    (B, T), their weights), f_e the share of the row's top-k slots expert e took and P_e its
+    mean router probability; 1 when balanced, E when one expert takes everything; averaged
+    over layers. "sum" weighs each row by its count, like the cross-entropy sum, so the
+    training loop's division by the step's target count makes it a mean per target that
+    micro-batching and processes do not change; "mean" divides by the count here."""
+    E, k = model.config.n_expert, model.config.moe_top_k
+    mask = mask.float()
+    n = mask.sum(1)  # (B,)
+    total = torch.zeros((), device=mask.device)
+    for block in model.transformer.h:
+        picked = F.one_hot(block.mlp.chosen, E).sum(2).float()  # (B, T, E)
+        f = (mask.unsqueeze(-1) * picked).sum(1) / (k * n.clamp(min=1e-8)).unsqueeze(-1)  # (B, E)
+        P = (mask.unsqueeze(-1) * block.mlp.probs).sum(1) / n.clamp(min=1e-8).unsqueeze(-1)  # (B, E)
+        total = total + (E * (f * P).sum(1) * n).sum()
+    total = total / model.config.n_layer
+    return total if reduction == "sum" else total / n.sum().clamp(min=1e-8)
+
+
 class Objective(nn.Module):
     """What training minimizes, around the model: a micro-batch's cross-entropy summed over its
     targets (weighted by w when given), plus MoE's load-balancing loss summed the same way. The
@@ -242,7 +263,7 @@ class Objective(nn.Module):
         h = model.body(x)  # (B, T, C)
         aux = None
         if model.config.n_expert:
-            aux = model.balance_loss((y != -1) if w is None else w, "sum")
+            aux = balance_loss(model, (y != -1) if w is None else w, "sum")
         if model.config.cls_head == "mlp":
             return model.class_loss(h, y, "sum"), aux
         y = y.reshape(-1)

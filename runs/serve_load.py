@@ -6,7 +6,9 @@ server; prints the time to first token and the tokens/s each client saw, and the
     python runs/serve_load.py --model=sft_alpaca --clients 1 8 [--max_tokens=128] [--json=out.json]
 
 Each client sends a different prompt with its own seed (temperature 0.8, top-k 200), streams the
-reply and counts tokens from the usage chunk. One warm-up request runs first.
+reply and counts tokens from the usage chunk. One warm-up request runs first. To compare the
+batched worker with the older turn-taking one, run it against a server started with
+--batching=True and one with --batching=False (docs/serving.md, Continuous batching).
 """
 import argparse
 import json

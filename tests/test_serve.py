@@ -164,6 +164,25 @@ def test_eight_concurrent_clients_get_what_each_gets_alone(client):
     assert len(set(alone)) > 1  # different prompts and seeds: not one reply for all
 
 
+def test_past_the_slots_requests_wait_and_batching_off_gives_the_same_replies(runs):
+    """With 2 batch slots, 6 concurrent requests all get their replies (the others wait for a
+    slot); --batching=False (requests take turns a token each) gives the same replies."""
+    requests = [{"model": "sft_char_tiny", "messages": [{"role": "user", "content": f"add {i} {i + 2}" * (1 + i)}],
+                 "temperature": 1.0, "top_k": 10 + i, "seed": i, "max_tokens": 30} for i in range(6)]
+    replies = {}
+    for batching in (True, False):
+        server = LiveServer([runs["chat"]], batching=batching, batch_slots=2, prefill_chunk=8)
+        try:
+            with ThreadPoolExecutor(6) as pool:
+                got = list(pool.map(lambda r: server.http.post("/v1/chat/completions", json=r), requests))
+            assert [r.status_code for r in got] == [200] * 6
+            replies[batching] = [r.json()["choices"][0]["message"]["content"] for r in got]
+        finally:
+            server.close()
+    assert replies[True] == replies[False]
+    assert len(set(replies[True])) > 1
+
+
 def test_same_request_and_seed_same_reply(client):
     r = dict(model="char_tiny", prompt="the sum", max_tokens=40, temperature=1.0)
     first = client.completions.create(seed=7, **r).choices[0].text
