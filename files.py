@@ -94,7 +94,7 @@ def record_folder(dest: str, command: str) -> None:
 def claim_file(path: str, overwrite: bool, inputs: tuple[str, ...] = ()) -> None:
     """A single output file: never one of the command's inputs, never an existing file unless
     overwrite."""
-    if any(os.path.exists(p) and os.path.samefile(p, path) for p in inputs if os.path.exists(path)):
+    if os.path.exists(path) and any(os.path.exists(p) and os.path.samefile(p, path) for p in inputs):
         raise DestinationError(f"{path} is an input of this command; give another output file")
     if os.path.exists(path) and not overwrite:
         raise DestinationError(f"{path} exists; give another output file, or pass --overwrite to replace it")

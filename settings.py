@@ -37,13 +37,17 @@ def setting(default, *, lo=None, hi=None, above=None, below=None, choices=None):
                                             "choices": choices})
 
 
+def field_limits(cls, name: str) -> dict:
+    """The valid values of field name: a subclass that re-declares a field to change its default
+    keeps the parent's limits."""
+    return next((g.metadata for c in cls.__mro__ for g in getattr(c, "__dataclass_fields__", {}).values()
+                 if g.name == name and g.metadata), {})
+
+
 def check_settings(cfg) -> None:
     """Raise ConfigError naming the first field of dataclass cfg outside its valid values."""
     for f in fields(cfg):
-        # a subclass that re-declares a field to change its default keeps the parent's limits
-        v, m = getattr(cfg, f.name), next(
-            (g.metadata for c in type(cfg).__mro__ for g in getattr(c, "__dataclass_fields__", {}).values()
-             if g.name == f.name and g.metadata), {})
+        v, m = getattr(cfg, f.name), field_limits(type(cfg), f.name)
         bad = None
         if isinstance(v, float) and not math.isfinite(v):
             bad = "must be a finite number"
@@ -205,8 +209,7 @@ def field_notes(cls) -> tuple[dict[str, str], dict[str, str]]:
     return notes, sections
 
 
-def valid_values(f) -> str:
-    m = f.metadata
+def valid_values(m: dict) -> str:
     if m.get("choices") is not None:
         return " | ".join(map(str, m["choices"]))
     parts = [f"{op} {m[k]}" for k, op in (("lo", ">="), ("above", ">"), ("hi", "<="), ("below", "<"))
@@ -221,10 +224,7 @@ def help_text(cls, program: str) -> str:
     default = cls()
     groups: dict[str, list[str]] = {}
     for f in fields(cls):
-        # a subclass that re-declares a field keeps the parent's limits (check_settings)
-        meta = next((g for c in cls.__mro__ for g in getattr(c, "__dataclass_fields__", {}).values()
-                     if g.name == f.name and g.metadata), f)
-        valid = valid_values(meta) or hints[f.name].__name__
+        valid = valid_values(field_limits(cls, f.name)) or hints[f.name].__name__
         line = f"  --{f.name}={getattr(default, f.name)!r}".ljust(34) + f" [{valid}]"
         if f.name in notes:
             line += f"  {notes[f.name]}"

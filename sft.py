@@ -171,7 +171,7 @@ def fine_tune_setup(cfg: SFTConfig, run, data_dir: str, meta: dict, loaders_for)
     if cfg.max_iters == 0:  # a batch never straddles two epochs, so an epoch is n // per_iter
         cfg.max_iters = max(1, round(cfg.epochs * (len(loaders["train"]) // per_iter)))
     prepare_run(cfg, run)
-    claim_run_folder(cfg)
+    claim_run_folder(cfg, run)
     return pretrained, new_ids, model_cfg, loaders, per_iter
 
 

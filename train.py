@@ -372,7 +372,7 @@ class Trainer:
         # the count is known. For token windows the factor is exactly 1.
         self.norm = self.accum * cfg.batch_size * cfg.block_size
         self.peak = peak_flops(run.device, run.dtype)
-        self.nonfinite, self.tokens_since = 0, 0
+        self.nonfinite, self.tokens_since, self.state_mb = 0, 0, None
         weighted = isinstance(loaders["train"], Examples) and 0 < cfg.prompt_loss_weight < 1
         self.loss_note = f" (targets + {cfg.prompt_loss_weight:g} x the rest)" if weighted else ""
 
@@ -554,8 +554,10 @@ class Trainer:
                   "mfu": round(achieved / self.peak, 4), "grad_norm": round(result.grad_norm, 4)}
         if result.aux_loss is not None:
             record["aux_loss"] = round(result.aux_loss, 5)
-        if self.run.ddp:  # what this process holds: under FSDP about 1/N of DDP's
-            record["state_mb"] = {k: round(v / 1e6, 3) for k, v in shard_bytes(self.raw_model, self.optimizers).items()}
+        if self.run.ddp:  # what this process holds: under FSDP about 1/N of DDP's; fixed once a step has run
+            if self.state_mb is None:
+                self.state_mb = {k: round(v / 1e6, 3) for k, v in shard_bytes(self.raw_model, self.optimizers).items()}
+            record["state_mb"] = self.state_mb
         bar = self.logger.bar
         self.logger.log(record, None if bar is not None and not bar.disable else
                         f"iter {self.iter_num}: step loss {result.loss:.4f}{self.loss_note}, {tok_s:,.0f} tok/s, "
@@ -647,7 +649,7 @@ def report_trainable(model: GPT) -> None:
            f"train ({100 * trainable / total:.2f}%), the base is frozen")
 
 
-def claim_run_folder(cfg) -> None:
+def claim_run_folder(cfg, run: Runtime) -> None:
     """The output policy for out_dir: a folder that holds a run is resumed (init_from auto or
     resume), never replaced by a new one unless --overwrite asks for it, which says what goes.
     A stale best.pt of the replaced run is removed at once: sample.py would read it first."""
@@ -661,12 +663,8 @@ def claim_run_folder(cfg) -> None:
                           "replace; resume it (init_from = auto), pick another --out_dir, or pass --overwrite "
                           "to replace it", "out_dir")
     print0(f"--overwrite: a new run replaces the one in {cfg.out_dir} ({', '.join(held)}, log.jsonl)")
-    if "best.pt" in held and run_is_master():
+    if "best.pt" in held and run.master:
         os.remove(os.path.join(cfg.out_dir, "best.pt"))
-
-
-def run_is_master() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
 
 
 def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
@@ -757,7 +755,7 @@ def main(argv=None) -> dict:
     cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
     run = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
     prepare_run(cfg, run)
-    claim_run_folder(cfg)
+    claim_run_folder(cfg, run)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
     model, model_cfg, lora_base = init_weights(cfg, meta, model_config_for(cfg, meta))
