@@ -175,6 +175,7 @@ class Row:
         self.slot = None  # its rows in the cache pool, once it has one
         self.context, self.prefilled, self.pos = [], 0, 0  # tokens to prefill, how many are in; next position
         self.done = False
+        self.error = None  # why it failed, if it did (BatchDecoder.failed)
         self.seq = 0  # admission order: the oldest prefills first
 
 
@@ -197,6 +198,7 @@ class BatchDecoder:
         self.waiting = collections.deque()
         self.owed_tables = {}  # id(constraint) -> (tokens still owed per (state, token), constraint)
         self.admitted = 0
+        self.failed: list[Row] = []  # rows the last step() dropped, each with its .error
 
     def add(self, ids: list[int], max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
             top_p: float = 1.0, generator: torch.Generator | None = None, stop_tokens=(),
@@ -239,7 +241,10 @@ class BatchDecoder:
         up to `chunk` prompt tokens are prefilled (a row whose prompt is in makes its first
         token); every row that was already decoding makes one token, in one forward. Returns
         the (row, token) pairs made; a row that is done (a stop token, max_new_tokens) has
-        left its slot."""
+        left its slot. A row whose own work fails (its prefill, its draw) leaves with .error and
+        is listed in self.failed; the others go on. Only an error in the one batched decode
+        forward, which cannot be told apart by row, reaches the caller."""
+        self.failed = []
         if self.caches is None:
             self.caches = self.model.make_caches(len(self.slots), self.block)
         while self.waiting and None in self.slots:
@@ -264,11 +269,17 @@ class BatchDecoder:
                 b = min(len(row.context), (a // self.chunk + 1) * self.chunk)
                 x = torch.tensor([row.context[a:b]], dtype=torch.long, device=self.device)
                 views = [CacheView(c, slice(row.slot, row.slot + 1)) for c in self.caches]
-                h = self.model.body(x, views, a)
-                row.prefilled, budget = b, budget - (b - a)
-                if b == len(row.context):
+                budget -= b - a
+                try:  # its own slot only: a prompt that fails (out of memory) fails its request
+                    h = self.model.body(x, views, a)
+                    logits = self.model.head(h[:, -1, :]).float() if b == len(row.context) else None
+                except Exception as e:
+                    self._fail(row, e)
+                    continue
+                row.prefilled = b
+                if logits is not None:
                     row.pos = b
-                    pending.append((row, self.model.head(h[:, -1, :]).float()))
+                    pending.append((row, logits))
             if len(decoding) == 1:  # one row: the plain int-position step (no key mask to build)
                 r = decoding[0]
                 x = torch.tensor([[r.ids[-1]]], dtype=torch.long, device=self.device)
@@ -297,10 +308,12 @@ class BatchDecoder:
         return self.model.lm_head.weight.device
 
     def _sample(self, pending: list[tuple[Row, Tensor]]) -> list[tuple[Row, int]]:
-        """A token for each row from its logits, as sample_next draws it for that row alone.
-        Rows with the same temperature, top_k and top_p share one filtering pass (row-wise
-        operations: each row's numbers are those it gets alone); each draws with its own
-        generator."""
+        """A token for each row from its logits, exactly as sample_next draws it for that row
+        alone. Rows with the same temperature, top_k and top_p share one filtering pass and one
+        draw: torch.multinomial draws one sample as argmax(probs / q), q ~ Exp(1) from the
+        row's generator, so each row fills its q from its own generator (the same numbers, and
+        the same generator state after, as multinomial) and one argmax serves the group; a
+        multinomial call per row cost 4x more on a small vocabulary."""
         groups = {}
         for row, logits in pending:
             if row.owed is not None:  # tokens still to come after this one
@@ -313,10 +326,24 @@ class BatchDecoder:
                 tokens = logits.argmax(dim=-1).tolist()
             else:
                 probs = sampling_probs(logits, temperature, top_k, top_p)
-                tokens = [int(torch.multinomial(probs[i:i + 1], 1, generator=row.generator))
-                          for i, (row, _) in enumerate(items)]
-            made += [(row, self._take(row, t)) for (row, _), t in zip(items, tokens)]
+                q = torch.empty_like(probs)
+                for i, (row, _) in enumerate(items):
+                    q[i].exponential_(1, generator=row.generator)
+                tokens = (probs / q).argmax(dim=-1).tolist()
+                # what multinomial refuses (inf, nan, no mass) fails that row alone
+                bad = (~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)).tolist()
+                for i, (row, _) in enumerate(items):
+                    if bad[i]:
+                        tokens[i] = self._fail(row, RuntimeError("the model's next-token probabilities "
+                                                                 "are not finite for this request"))
+            made += [(row, self._take(row, t)) for (row, _), t in zip(items, tokens) if t is not None]
         return made
+
+    def _fail(self, row: Row, error: Exception) -> None:
+        """This row alone cannot go on: it leaves, and the caller finds it in self.failed."""
+        row.error = error
+        self.failed.append(row)
+        self.remove(row)
 
     def _take(self, row: Row, t: int) -> int:
         if row.owed is not None:

@@ -222,21 +222,25 @@ class Worker:
                 self._end(row.tag)
         if not batch.busy():
             return
+        out = []  # (job, item): handed to the event loop in one call per step, not one per token
         try:
             made = batch.step()
-        except Exception as e:  # a bug or an out-of-memory: fail these requests, keep serving
-            for row in batch.rows():
+        except Exception as e:  # the batched forward failed (a bug, out of memory): the rows in
+            made = []           # it fail, requests still waiting for a slot go on
+            for row in [r for r in batch.slots if r is not None]:
                 batch.remove(row)
-                self._end(row.tag, e)
-            batch.caches = None
-            return
-        out = []  # (job, item): handed to the event loop in one call per step, not one per token
+                self._end(row.tag, e, out)
+        for row in batch.failed:  # its own prefill or draw failed: that request alone
+            self._end(row.tag, row.error, out)
         for row, t in made:
             job = row.tag
-            items, ended = job.reply.token(t)
-            if not ended and row.done:  # max_tokens
-                items += job.reply.end()
-            elif ended and not row.done:  # a stop string
+            try:
+                items, ended = job.reply.token(t)
+                if not ended and row.done:  # max_tokens
+                    items += job.reply.end()
+            except Exception as e:  # this reply's text: fail it alone
+                items, ended = [e], True
+            if ended and not row.done:  # a stop string
                 batch.remove(row)
             out += [(job, item) for item in items if item != ""]
             if ended or row.done:

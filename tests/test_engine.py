@@ -141,3 +141,36 @@ def test_rows_join_mid_way_and_a_freed_slot_is_reused():
     assert out[4] == alone(model, ps[7], 10, temperature=0.0)
     assert out[1] == alone(model, ps[6], 20, temperature=0.0)[:len(out[1])] and len(out[1]) < 20
     assert not batch.busy() and batch.slots == [None, None]
+
+
+def test_a_failing_row_fails_alone():
+    """A prompt the model cannot read (a token id past its vocabulary) fails in its own
+    prefill: that row leaves with its error in batch.failed, and every other row's reply is
+    still the one it gets alone."""
+    model = tiny()
+    ps = prompts()
+    batch, out, failed = BatchDecoder(model, slots=4, chunk=8), {}, []
+    for i, p in enumerate(ps):
+        batch.add(p + [V + 5] if i == 2 else p, 12, temperature=0.0, tag=i)
+    while batch.busy():
+        for row, t in batch.step():
+            out.setdefault(row.tag, []).append(t)
+        failed += batch.failed
+    assert [r.tag for r in failed] == [2] and isinstance(failed[0].error, IndexError)
+    assert 2 not in out
+    for i, p in enumerate(ps):
+        if i != 2:
+            assert out[i] == alone(model, p, 12, temperature=0.0)
+
+
+def test_a_row_whose_probabilities_are_not_finite_fails_alone():
+    """multinomial refuses a NaN distribution; the batched draw refuses it for that row only."""
+    model = tiny()
+    batch = BatchDecoder(model, slots=2)
+    a = batch.add([1, 2], 5, temperature=1.0, generator=torch.Generator().manual_seed(0), tag="a")
+    b = batch.add([3], 5, temperature=1.0, generator=torch.Generator().manual_seed(0), tag="b")
+    logits = torch.randn(2, V)
+    made = batch._sample([(a, torch.full((1, V), float("nan"))), (b, logits[1:])])
+    assert [r.tag for r in batch.failed] == ["a"] and "not finite" in str(a.error)
+    want = int(torch.multinomial(torch.softmax(logits[1:], -1), 1, generator=torch.Generator().manual_seed(0)))
+    assert made == [(b, want)]
