@@ -466,16 +466,25 @@ def reply(model: GPT, tok: Tokenizer, ids: list[int], max_new_tokens: int, run: 
           utf8: bool = True) -> str:
     """The greedy reply after prompt ids (a conversation rendered up to the assistant's start),
     cut at the end of the turn. The reply gets at most half the window; a longer prompt keeps
-    its last tokens. What eval.py scores and sft.py logs, decoded as chat and serve decode."""
+    its last tokens. What sft.py logs, decoded as chat and serve decode."""
+    return replies(model, tok, [ids], max_new_tokens, run, utf8, slots=1)[0]
+
+
+def replies(model: GPT, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int, run: Runtime,
+            utf8: bool = True, slots: int = 16) -> list[str]:
+    """reply() for many prompts, decoded `slots` at a time as one batch (what eval.py scores)."""
     end = tok.token_id(END_OF_TURN)
-    block = model.config.block_size
-    budget = min(max_new_tokens, block // 2)
-    ids = ids[-(block - budget):]
-    x = torch.tensor([ids], dtype=torch.long, device=run.device)
+    budget = min(max_new_tokens, model.config.block_size // 2)
     constraint = utf8_constraint(tok, model.config.vocab_size, run.device) if utf8 else None
-    with run.autocast:
-        out = generate(model, x, budget, temperature=0.0, stop_tokens=(end,), constraint=constraint)[0, len(ids):].tolist()
-    return tok.decode(out[:out.index(end)] if end in out else out)
+    batch = BatchDecoder(model, min(slots, max(1, len(prompts))), autocast=run.autocast)
+    rows = [batch.add(ids[-(model.config.block_size - budget):], budget, temperature=0.0, stop_tokens=(end,),
+                      constraint=constraint) for ids in prompts]
+    while batch.busy():
+        batch.step()
+        if batch.failed:
+            raise batch.failed[0].error
+    made = [r.ids[len(r.ids) - r.n:] for r in rows]
+    return [tok.decode(out[:out.index(end)] if end in out else out) for out in made]
 
 
 def user_prompt(tok: Tokenizer, text: str) -> list[int]:

@@ -174,3 +174,22 @@ def test_a_row_whose_probabilities_are_not_finite_fails_alone():
     assert [r.tag for r in batch.failed] == ["a"] and "not finite" in str(a.error)
     want = int(torch.multinomial(torch.softmax(logits[1:], -1), 1, generator=torch.Generator().manual_seed(0)))
     assert made == [(b, want)]
+
+
+def test_replies_in_a_batch_are_the_replies_one_at_a_time():
+    """eval.py scores replies 16 at a time: each is the greedy reply generate() gives its prompt
+    alone, cut at the end of the turn (some prompts end their turn early, some run out)."""
+    from runtime import setup_runtime
+    from engine import replies
+    from tokenizer import CHAT_TOKENS, END_OF_TURN, CharTokenizer
+    tok = CharTokenizer([chr(ord("a") + i) for i in range(V - len(CHAT_TOKENS))])
+    tok.add_special_tokens(CHAT_TOKENS)
+    model, run, end = tiny(), setup_runtime("cpu", "float32", 1), tok.token_id(END_OF_TURN)
+    with torch.no_grad():  # make the end of the turn likely enough that some replies stop early
+        model.lm_head.weight[end] *= 4
+    ps = prompts()
+    got = replies(model, tok, ps, 12, run, slots=3)
+    for p, text in zip(ps, got):
+        out = alone(model, p[-(32 - 12):], 12, temperature=0.0, stop_tokens=(end,))
+        assert text == tok.decode(out[:out.index(end)] if end in out else out)
+    assert any(end in alone(model, p[-20:], 12, temperature=0.0, stop_tokens=(end,)) for p in ps)
