@@ -9,9 +9,10 @@ parallelize step does; model.py never learns about it):
           optimizer state sharded (a process holds ~1/N of them)
 
 activation_checkpointing recomputes each block's activations in the backward pass instead of
-keeping them (less memory, about a third more compute). Checkpoints stay one format: under FSDP
-the whole state is gathered to rank 0 and written as ckpt.pt, so a run resumes on any number
-of processes and is sampled, served, evaluated and exported like any other.
+keeping them (less memory, about a third more compute). Checkpoints: under FSDP the whole state
+is gathered to rank 0 and written as ckpt.pt, or with sharded_checkpoint each process writes its
+shards (checkpoint.save_sharded); either resumes on any number of processes and is sampled,
+served, evaluated and exported like any other.
 """
 import contextlib
 import functools
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from checkpoint import load_shards_into
 from model import GPT
 from settings import ConfigError
 
@@ -134,6 +136,28 @@ def load_optimizer_state(model: nn.Module, optimizer, saved: dict, sharded: bool
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_state(model: nn.Module, optimizers: list, weights_only: bool) -> dict:
+    """What each process writes of a sharded checkpoint: its shards, nothing gathered. The
+    optimizer's per-parameter state only, keyed by parameter name (its hyperparameters come from
+    the config on resume, as for ckpt.pt), so every entry is a tensor."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    state = {"model": get_model_state_dict(model)}
+    if not weights_only:
+        for i, opt in enumerate(optimizers):
+            state[f"optimizer_{i}"] = {"state": get_optimizer_state_dict(model, opt)["state"]}
+    return state
+
+
+def load_sharded_optimizers(path: str, model: nn.Module, optimizers: list) -> None:
+    """Each optimizer's state from a sharded checkpoint, resharded to this run's processes: DCP
+    reads into the (fresh) state as this process holds it, which then goes into the optimizer."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    held = [get_optimizer_state_dict(model, opt) for opt in optimizers]
+    load_shards_into(path, {f"optimizer_{i}": {"state": h["state"]} for i, h in enumerate(held)})
+    for opt, h in zip(optimizers, held):
+        set_optimizer_state_dict(model, opt, h)
 
 
 def shard_bytes(model: nn.Module, optimizers: list) -> dict:

@@ -5,6 +5,7 @@ bar, wandb) and stop signals. Settings live in settings.py, files in files.py.
 """
 import ctypes
 import dataclasses
+import datetime
 import json
 import math
 import os
@@ -110,9 +111,15 @@ def pick_threads(requested: int = 0) -> tuple[int, str]:
     return threads, f"{cores} cores, {busy:.1f} busy" + (" with other work" if threads < cores else "")
 
 
-def setup_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -> Runtime:
+DIST_TIMEOUT_S = 600.0  # torch's own default is 30 min (NCCL 10): long for a survivor to sit waiting
+
+
+def setup_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0,
+                  dist_timeout: float = DIST_TIMEOUT_S) -> Runtime:
     """Device, precision, CPU threads and (under torchrun) the process group: NCCL on CUDA,
-    gloo on CPU."""
+    gloo on CPU. A collective that waits longer than dist_timeout seconds for another process
+    (a node that died without closing its sockets, or hangs) fails with an error instead of
+    waiting for ever, so the survivors exit and torchrun can restart or stop the run."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, local_rank, world_size = 0, 0, 1
     device = pick_device(device)
@@ -125,7 +132,8 @@ def setup_runtime(device: str = "auto", dtype: str = "auto", threads: int = 0) -
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+            dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                                    timeout=datetime.timedelta(seconds=dist_timeout))
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     if dtype == "auto":
         # bf16 on GPUs; on a CPU float32 until the model exists: then resolve_cpu_dtype times

@@ -27,8 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from checkpoint import (CheckpointError, base_model, base_reference, load_checkpoint, lora_model, plain_checkpoint,
-                        save_checkpoint)
+from checkpoint import (SHARDED, CheckpointError, base_model, base_reference, checkpoint_path, load_checkpoint,
+                        lora_model, plain_checkpoint, remove_sharded, save_checkpoint, save_sharded)
 from classify import accuracy_eval, class_token_ids
 from convert import check_fits_uint16
 from data import DataError, Examples, TokenWindows, dataset_dir, is_example_dataset
@@ -36,8 +36,8 @@ from files import atomic_write
 from lora import LoRAConfig, add_adapters, check_lora, freeze_base, is_adapter, lora_config
 from model import GPT, GPTConfig, gpt_config
 from muon import make_muon
-from parallel import (all_ranks_finite, full, gathered, is_sharded, load_optimizer_state, model_state, no_sync,
-                      optimizer_state, parallelize, shard_bytes)
+from parallel import (all_ranks_finite, full, gathered, is_sharded, load_optimizer_state, load_sharded_optimizers,
+                      model_state, no_sync, optimizer_state, parallelize, shard_bytes, sharded_state)
 from runtime import (Logger, Runtime, StopSignal, all_reduce_sum, peak_flops, print0, resolve_cpu_dtype,
                      setup_runtime)
 from settings import ConfigError, changed_settings, cli, config_dict, load_config, setting
@@ -92,6 +92,10 @@ class TrainConfig(GPTConfig, LoRAConfig):
     compile: bool = False
     parallel: str = setting("ddp", choices=("ddp", "fsdp"))  # torchrun: fsdp shards weights, grads, optimizer
     activation_checkpointing: bool = False  # recompute each block in the backward pass: less memory, ~1/3 more compute
+    # fsdp: each process writes its own shards (ckpt.dcp/, torch.distributed.checkpoint) instead of
+    # gathering the whole state to rank 0 (ckpt.pt): for a state that does not fit one process
+    sharded_checkpoint: bool = False
+    dist_timeout: float = setting(600.0, lo=10.0)  # torchrun: seconds a collective waits for a lost process
     seed: int = 1337
     lora_quant: str = setting("none", choices=("none", "int8", "nf4"))  # QLoRA: a quantized frozen base
 
@@ -102,6 +106,10 @@ class TrainConfig(GPTConfig, LoRAConfig):
             raise ConfigError(f"lora_quant = {self.lora_quant!r}: QLoRA (a 4/8-bit frozen base) needs a CUDA GPU "
                               "with bitsandbytes or torchao and is not in danlu yet; remove the key to train "
                               "adapters on a full-precision base", "lora_quant")
+        if self.sharded_checkpoint and self.parallel != "fsdp":
+            raise ConfigError("sharded_checkpoint = True writes FSDP's shards; use it with parallel = 'fsdp' "
+                              "(under DDP every process holds the whole state: ckpt.pt is the checkpoint)",
+                              "sharded_checkpoint")
         if self.min_lr > self.learning_rate:
             raise ConfigError(f"min_lr = {self.min_lr} is above learning_rate = {self.learning_rate}; "
                               "the schedule decays from learning_rate to min_lr", "min_lr")
@@ -382,13 +390,17 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def restore(self, state: dict) -> None:
-        """Continue from a ckpt.pt: optimizer moments, GradScaler, iteration, data position.
-        Hyperparameters come from this run's config, not the checkpoint's: a changed
-        learning_rate or weight_decay on resume takes effect (and config.json says so)."""
-        for opt, saved in zip(self.optimizers, state["optimizer"]):
-            fresh = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        """Continue from a ckpt.pt (or ckpt.dcp/, each process reading its optimizer shards):
+        optimizer moments, GradScaler, iteration, data position. Hyperparameters come from this
+        run's config, not the checkpoint's: a changed learning_rate or weight_decay on resume
+        takes effect (and config.json says so)."""
+        fresh = [[{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] for opt in self.optimizers]
+        if state.get("shards"):
+            load_sharded_optimizers(state["shards"], self.raw_model, self.optimizers)
+        for opt, saved in zip(self.optimizers, state.get("optimizer") or []):
             load_optimizer_state(self.raw_model, opt, saved, self.sharded)
-            for group, settings in zip(opt.param_groups, fresh):
+        for opt, groups in zip(self.optimizers, fresh):
+            for group, settings in zip(opt.param_groups, groups):
                 group.update(settings)
         if state.get("scaler"):
             self.run.scaler.load_state_dict(state["scaler"])
@@ -404,20 +416,23 @@ class Trainer:
         return all_ranks_finite([p.detach() for p in self.raw_model.parameters()], self.run)
 
     def save(self, best: bool = False) -> None:
-        """ckpt.pt (the whole training state) or best.pt (the weights of the best evaluation);
-        rank 0 writes. Weights that are not finite are never saved: training stops instead."""
+        """ckpt (the whole training state) or best (the weights of the best evaluation): .pt,
+        written by rank 0, or with sharded_checkpoint .dcp/, every process writing its shards.
+        Weights that are not finite are never saved: training stops instead."""
         if not self.weights_finite():
             raise RuntimeError(f"the weights became non-finite by iter {self.iter_num} (an update "
                                f"blew up); nothing was saved; {self.kept()}. Lower learning_rate "
                                "(or raise warmup_iters) and train again.")
-        model = self.raw_model
-        state = model_state(model, self.sharded)  # under FSDP every process takes part in the gather
-        optimizers = None if best else [optimizer_state(model, opt, self.sharded) for opt in self.optimizers]
-        if not self.run.master:  # rank 0 writes; the others keep count, as the next save is collective
-            self.saved_iter = self.iter_num if not best else self.saved_iter
-            return
-        ckpt = {"model": {k: v for k, v in state.items() if is_adapter(k)} if self.lora_base else state,
-                "model_config": config_dict(model.config), "train_config": config_dict(self.cfg),
+        model, name = self.raw_model, "best" if best else "ckpt"
+        if self.cfg.sharded_checkpoint:  # nothing is gathered: each process writes what it holds
+            shards = sharded_state(model, self.optimizers, weights_only=best)
+            state, optimizers = shards["model"], None
+        else:  # under FSDP every process takes part in the gather
+            state = model_state(model, self.sharded)
+            optimizers = None if best else [optimizer_state(model, opt, self.sharded) for opt in self.optimizers]
+        if self.lora_base:  # the adapters only: the base is read again from its path
+            state = {k: v for k, v in state.items() if is_adapter(k)}
+        ckpt = {"model_config": config_dict(model.config), "train_config": config_dict(self.cfg),
                 "tokenizer": self.meta, "iter_num": self.iter_num, "best_val_loss": self.best_val_loss}
         if self.lora_base:
             ckpt.update(lora_base=self.lora_base, lora=config_dict(model.lora))
@@ -425,7 +440,11 @@ class Trainer:
             ckpt.update(dtype=self.run.dtype, optimizer=optimizers, parallel=self.cfg.parallel,
                         scaler=self.run.scaler.state_dict(), loader=self.loaders["train"].state_dict(),
                         elapsed_s=self.elapsed(), world_size=self.run.world_size)
-        save_checkpoint(os.path.join(self.cfg.out_dir, "best.pt" if best else "ckpt.pt"), ckpt)
+        if self.cfg.sharded_checkpoint:
+            shards["model"] = state
+            save_sharded(os.path.join(self.cfg.out_dir, name + SHARDED), shards, ckpt, self.run.master)
+        elif self.run.master:  # the others keep count below, as the next save is collective
+            save_checkpoint(os.path.join(self.cfg.out_dir, name + ".pt"), {"model": state, **ckpt})
         if not best:
             self.saved_iter = self.iter_num
 
@@ -433,7 +452,8 @@ class Trainer:
         """What is on disk to go back to, for messages that stop training."""
         if self.saved_iter is None:
             return "no checkpoint was written"
-        return f"{self.cfg.out_dir}/ckpt.pt from iter {self.saved_iter} is kept"
+        kind = SHARDED + "/" if self.cfg.sharded_checkpoint else ".pt"
+        return f"{self.cfg.out_dir}/ckpt{kind} from iter {self.saved_iter} is kept"
 
     def write_config(self) -> None:
         """config.json: the resolved config, written once every check has passed."""
@@ -653,24 +673,28 @@ def claim_run_folder(cfg, run: Runtime) -> None:
     """The output policy for out_dir: a folder that holds a run is resumed (init_from auto or
     resume), never replaced by a new one unless --overwrite asks for it, which says what goes.
     A stale best.pt of the replaced run is removed at once: sample.py would read it first."""
-    held = [n for n in ("ckpt.pt", "best.pt") if os.path.exists(os.path.join(cfg.out_dir, n))]
+    found = {n: checkpoint_path(cfg.out_dir, n) for n in ("ckpt", "best")}
+    held = [os.path.basename(p) for p in found.values() if p]
     if cfg.overwrite and cfg.init_from == "auto":
         cfg.init_from = "scratch"  # --overwrite asks to start over, not to resume what is there
-    if not held or (cfg.init_from in ("auto", "resume") and "ckpt.pt" in held):
+    if not held or (cfg.init_from in ("auto", "resume") and found["ckpt"]):
         return
     if not cfg.overwrite:
         raise ConfigError(f"{cfg.out_dir} holds a run ({', '.join(held)}) that init_from = {cfg.init_from!r} would "
                           "replace; resume it (init_from = auto), pick another --out_dir, or pass --overwrite "
                           "to replace it", "out_dir")
     print0(f"--overwrite: a new run replaces the one in {cfg.out_dir} ({', '.join(held)}, log.jsonl)")
-    if "best.pt" in held and run.master:
-        os.remove(os.path.join(cfg.out_dir, "best.pt"))
+    if found["best"] and run.master:
+        remove_sharded(os.path.join(cfg.out_dir, "best" + SHARDED))
+        if os.path.isfile(os.path.join(cfg.out_dir, "best.pt")):
+            os.remove(os.path.join(cfg.out_dir, "best.pt"))
 
 
 def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
-    """out_dir's ckpt.pt to continue, or None for a fresh start (init_from scratch / auto
-    without a checkpoint / another run's weights)."""
-    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    """out_dir's ckpt.pt (or sharded ckpt.dcp/: its weights whole, its optimizer shards read by
+    Trainer.restore) to continue, or None for a fresh start (init_from scratch / auto without
+    a checkpoint / another run's weights)."""
+    path = checkpoint_path(cfg.out_dir, "ckpt") or os.path.join(cfg.out_dir, "ckpt.pt")
     if cfg.init_from not in ("resume", "auto"):
         return None
     if not os.path.exists(path):
@@ -679,7 +703,7 @@ def resume_state(cfg, run: Runtime, model_cfg: GPTConfig) -> dict | None:
         raise ConfigError(f"init_from = 'resume' but {path} does not exist; start a new run with "
                           "--init_from=auto (or scratch)", "init_from")
     state = load_checkpoint(path)
-    if "optimizer" not in state:
+    if "optimizer" not in state:  # a sharded ckpt.dcp/ records optimizer = None, its shards hold it
         raise CheckpointError(f"{path} holds weights only (no optimizer state) and cannot be "
                               f"resumed; start a new run from it with --init_from={cfg.out_dir} "
                               "and another out_dir")
@@ -753,7 +777,7 @@ def prepare_run(cfg, run: Runtime) -> None:
 
 def main(argv=None) -> dict:
     cfg = load_config(TrainConfig, sys.argv[1:] if argv is None else argv)
-    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
+    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads, cfg.dist_timeout)
     prepare_run(cfg, run)
     claim_run_folder(cfg, run)
     data_dir = dataset_dir(cfg.dataset)
