@@ -172,7 +172,8 @@ class CharAwareTokenizer:
 
 def score_records(records: list[dict]) -> dict:
     """BLEU and chrF (sacrebleu), ROUGE-1/2/L F1 (rouge-score with a CJK-aware tokenizer),
-    exact match and lengths for [{"reference", "reply"}, ...]."""
+    exact match and lengths for [{"reference", "reply"}, ...]; records with a "group" (a language,
+    a kind of question) also get exact match per group."""
     try:
         import sacrebleu
         from rouge_score import rouge_scorer
@@ -191,7 +192,16 @@ def score_records(records: list[dict]) -> dict:
             "rouge2": mean("rouge2"), "rougeL": mean("rougeL"),
             "exact_match": 100 * sum(h.strip() == r.strip() for h, r in zip(hyps, refs)) / max(1, len(records)),
             "reply_chars": sum(map(len, hyps)) / max(1, len(hyps)),
-            "reference_chars": sum(map(len, refs)) / max(1, len(refs)), "tokenize": "char" if cjk else "13a"}
+            "reference_chars": sum(map(len, refs)) / max(1, len(refs)), "tokenize": "char" if cjk else "13a",
+            **exact_by_group(records)}
+
+
+def exact_by_group(records: list[dict]) -> dict:
+    groups = {}
+    for r in records:
+        if "group" in r:
+            groups.setdefault(r["group"], []).append(r["reply"].strip() == r["reference"].strip())
+    return {f"exact_match_{g}": 100 * sum(v) / len(v) for g, v in sorted(groups.items())}
 
 
 def val_conversations(ckpt: dict, cfg: EvalConfig, tok) -> list[dict]:
@@ -228,8 +238,8 @@ def generate_replies(model, tok, items: list[dict], cfg: EvalConfig, run) -> lis
     for i in tqdm(range(0, len(items), step), desc="replies", unit_scale=step, disable=not sys.stderr.isatty()):
         chunk = items[i:i + step]
         texts = replies(model, tok, [item["ids"] for item in chunk], cfg.max_new_tokens, run)
-        out += [{"prompt": item["prompt"], "reference": item["reference"], "reply": text}
-                for item, text in zip(chunk, texts)]
+        out += [{"prompt": item["prompt"], "reference": item["reference"], "reply": text,
+                 **({"group": item["group"]} if "group" in item else {})} for item, text in zip(chunk, texts)]
     return out
 
 
@@ -245,7 +255,8 @@ def read_records(path: str, keys=("reference", "reply")) -> list[dict]:
                 continue
             try:
                 r = json.loads(line)
-                records.append({"prompt": str(r.get("prompt", "")), **{k: str(r[k]) for k in keys}})
+                records.append({"prompt": str(r.get("prompt", "")), **{k: str(r[k]) for k in keys},
+                                **({"group": str(r["group"])} if "group" in r else {})})
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise ConfigError(f"{path}:{n}: expected a JSON object with " +
                                   " and ".join(f'"{k}"' for k in keys)) from None
@@ -355,7 +366,9 @@ def evaluate_run(cfg: EvalConfig) -> dict:
         r = score_records(records)
         result.update(r)
         print(f"{r['n']} replies: BLEU {r['bleu']:.2f}, chrF {r['chrf']:.2f}, ROUGE-1/2/L {r['rouge1']:.2f}/"
-              f"{r['rouge2']:.2f}/{r['rougeL']:.2f}, exact match {r['exact_match']:.1f}%")
+              f"{r['rouge2']:.2f}/{r['rougeL']:.2f}, exact match {r['exact_match']:.1f}%"
+              + "".join(f", {k.removeprefix('exact_match_')} {v:.1f}%" for k, v in r.items()
+                        if k.startswith("exact_match_")))
     write_json(os.path.join(out_dir, "eval.json"), result)
     print(f"wrote {out_dir}/eval.json")
     return result

@@ -23,7 +23,7 @@ from engine import decode_stream, fit_history, load_for_inference
 from files import atomic_write
 from images import ImageError, image_codebook, image_files, image_ids, image_pixels, read_image, read_token_examples
 from settings import ConfigError, check_settings, cli, load_config, setting
-from tokenizer import END_OF_TURN, ROLE_TOKENS
+from tokenizer import END_OF_TURN, ROLE_TOKENS, dropped_note
 
 
 @dataclass
@@ -164,6 +164,9 @@ def chat(cfg: SampleConfig) -> None:
             if not interactive:
                 print(flush=True)  # piped: one output line per input line, even an empty one
             continue
+        note = dropped_note(tok, text)
+        if note:  # every character typed reaches the model or is named (stderr: piped replies stay one per line)
+            print(note, file=sys.stderr)
         if not tok.encode(text):
             print("(this model's tokenizer knows no character of that message; nothing was sent)")
             continue

@@ -90,6 +90,11 @@ class Tokenizer:
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
 
+    def unknown_chars(self, text: str) -> list[str]:
+        """The characters of text that encode() leaves out, each once, in order (byte-level
+        tokenizers lose none)."""
+        return []
+
     def decode_bytes(self, ids) -> bytes:
         """Bytes of a token sequence; special tokens are rendered by name."""
         out, run = [], []
@@ -149,6 +154,9 @@ class CharTokenizer(Tokenizer):
 
     def count_unknown(self, text: str) -> int:
         return sum(c not in self.stoi for c in text)
+
+    def unknown_chars(self, text: str) -> list[str]:
+        return list(dict.fromkeys(c for c in text if c not in self.stoi))
 
     def _decode_bytes(self, ids) -> bytes:
         return "".join(self.chars[i] if i < len(self.chars) else "\ufffd" for i in ids).encode()
@@ -371,6 +379,16 @@ def from_meta(meta: dict) -> Tokenizer:
         raise ValueError(f"meta.json says vocab_size={meta['vocab_size']} but its tokenizer "
                          f"has {tok.vocab_size} ids; the file was edited or is corrupt")
     return tok
+
+
+def dropped_note(tok: Tokenizer, text: str) -> str | None:
+    """What a user is told when characters of their message do not reach the model (a char
+    vocabulary built from its data has no id for them), or None when every character does."""
+    unknown = tok.unknown_chars(text)
+    if not unknown:
+        return None
+    shown = " ".join(repr(c) for c in unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+    return f"(this model's vocabulary lacks {shown}: left out of what it reads)"
 
 
 def same_base(a: dict, b: dict) -> bool:

@@ -1,7 +1,9 @@
 # The arithmetic chat demo (README "A chat demo whose answers can be checked"): a chat model
-# trained from scratch on the chats of prepare/arith.py, the loss on the assistant's turns only.
+# trained from scratch on the chats of prepare/arith.py (a grammar of how people ask, English
+# and Chinese), the loss on the assistant's turns only.
 #   python prepare/arith.py && python train.py config/arith.py
-#   python eval.py --out_dir=weight/arith --generate     # exact match on 200 held-out questions
+#   python eval.py --out_dir=weight/arith --generate     # trained wordings, 200 new questions
+#   python eval.py --out_dir=weight/arith --generate --prompts=data/arith/val_wordings.jsonl
 #   python sample.py --out_dir=weight/arith --chat
 # No pretraining: two thirds of a plain-text corpus of these problems are operands no model can
 # predict, and the time is better spent on answers (pretrain + SFT gave 86.5% in 24 minutes).
@@ -9,7 +11,7 @@
 dataset = "arith"
 out_dir = "weight/arith"
 device = "auto"
-block_size = 64  # chats are 17..59 tokens
+block_size = 128  # chats are at most 128 characters (prepare/arith.py MAX_CHARS + chat tokens)
 # Steps of 128 chats in 4 micro-batches: group_by_length sorts each step by length first, so
 # a micro-batch pads little; 1.6x faster than one batch of 128 padded to its longest chat.
 batch_size = 32

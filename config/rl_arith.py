@@ -1,0 +1,27 @@
+# RL of the arithmetic chat demo (config/arith.py): the SFT model answers questions of the
+# trained wordings with new operands (data/arith/rl_train.jsonl, none of them a val question);
+# an answer earns 1 when it is exactly the reference (the restated problem and its result).
+#   python prepare/arith.py && python train.py config/arith.py       # -> weight/arith
+#   python rl.py config/rl_arith.py                                   # -> weight/rl_arith
+#   python eval.py --out_dir=weight/rl_arith --generate --prompts=data/arith/val_wordings.jsonl
+# Each evaluation logs greedy pass@1 (overall, en, zh) on both val files: iter 0 is the SFT model.
+base = "weight/arith"
+dataset = "arith"  # the SFT data: its tokenizer, and val_loss (the loss of the right answers)
+prompts = "data/arith/rl_train.jsonl"
+val_prompts = "data/arith/val_operands.jsonl|data/arith/val_wordings.jsonl"
+out_dir = "weight/rl_arith"
+device = "cpu"
+reward = "exact"
+group_size = 8
+batch_size = 16  # questions: 128 replies a step
+temperature = 1.0
+max_new_tokens = 48  # the longest answer is 40 characters
+kl_coef = 0.0
+learning_rate = 1e-4
+min_lr = 1e-5
+weight_decay = 0.0
+max_iters = 150
+eval_interval = 50
+eval_iters = 7  # x 32 SFT val chats: the loss of the right answers
+log_interval = 10
+pass_k = 4
