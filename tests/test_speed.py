@@ -156,3 +156,59 @@ def test_the_matmul_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkey
     assert runtime.peak_flops("cpu", "float32") == 1e9 and calls == [torch.float32]
     runtime.peak_flops("cpu", "bfloat16")
     assert calls == [torch.float32, torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- dropout on a CPU
+
+def test_cpu_dropout_keeps_one_minus_p_and_scales_like_torchs():
+    """model.dropout on a CPU: every element is 0 or x / (1 - p), about 1 - p of them kept
+    (p rounded to 1/65536), the mean kept, and the backward pass uses the forward's mask."""
+    from model import dropout
+    torch.manual_seed(0)
+    x = torch.rand(400, 1000) + 0.5
+    for p in (0.1, 0.2, 0.5):
+        x.grad = None
+        x.requires_grad_(True)
+        y = dropout(x, p)
+        kept = y != 0
+        assert torch.allclose(y[kept], x[kept] / (1 - p))
+        frac = kept.float().mean().item()
+        assert abs(frac - (1 - p)) < 5 * (p * (1 - p) / x.numel()) ** 0.5  # 5 sigma
+        y.sum().backward()
+        assert torch.equal(x.grad, kept.float() / (1 - p))
+        assert abs(y.mean().item() / x.mean().item() - 1) < 0.01
+    assert dropout(x, 0.2, training=False) is x and dropout(x, 0.0) is x
+
+
+def test_cpu_dropout_follows_the_seed():
+    """Its mask comes from torch's generator: the same seed, the same mask (exact resume)."""
+    from model import dropout
+    x = torch.ones(64, 64)
+    torch.manual_seed(5)
+    a = dropout(x, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(a, dropout(x, 0.3))
+    assert not torch.equal(a, dropout(x, 0.3))
+
+
+def test_training_attention_with_dropout_takes_the_math_path_on_a_cpu(monkeypatch):
+    """SDPA with dropout on a CPU runs a slower math path of its own: the model's own math
+    path runs instead (the same attention without dropout), and SDPA still runs in eval."""
+    from model import CausalSelfAttention
+    model = wide(dropout=0.1)
+    calls = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randint(0, V, (2, 12))
+    model.train()
+    model(x)
+    assert calls == []
+    model.eval()
+    model(x)
+    assert len(calls) == len(model.transformer.h)
+    attn = model.transformer.h[0].attn
+    q, k, v = torch.randn(3, 2, 4, 12, 8).unbind(0)
+    torch.testing.assert_close(CausalSelfAttention._math_attention(q, k, v, None, True, 0.0),
+                               real(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6)
+    assert attn.attn_impl == "sdpa"
