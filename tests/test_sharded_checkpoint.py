@@ -69,10 +69,6 @@ def test_sharded_resume_exact_and_on_other_process_counts(data):
     assert is_run("weight/whole") and weights_path("weight/whole") == os.path.join("weight/whole", "best.dcp")
     model, ckpt = load_model("weight/whole")
     assert isinstance(model, GPT) and ckpt["iter_num"] == 6
-    r = run(*FSDP[:-1], "--parallel=fsdp", "--out_dir=weight/whole", "--max_iters=7")  # sharded off: back to ckpt.pt
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert os.path.isfile("weight/whole/ckpt.pt") and not os.path.exists("weight/whole/ckpt.dcp")
-    assert losses("weight/whole")[:6] == whole and len(losses("weight/whole")) == 7
 
 
 def test_sharded_checkpoint_needs_fsdp():
