@@ -50,7 +50,20 @@ def sample_next(logits: Tensor, temperature: float = 1.0, top_k: int | None = No
     if temperature <= 1e-6:  # greedy; a tinier temperature would only overflow into NaN
         return logits.argmax(dim=-1)
     probs = sampling_probs(logits, temperature, top_k, top_p)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    u = torch.rand(probs.size(0), generator=generator, device=probs.device)
+    if not bool(torch.isfinite(probs).all()):
+        raise RuntimeError("the model's next-token probabilities are not finite")
+    return inverse_cdf(probs, u)
+
+
+def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
+    """Row b's token: the first whose cumulative probability passes u[b] (B,) in [0, 1) of the
+    row's mass; a zero-probability token is never picked. One uniform number per row (as
+    llama.cpp samples), where torch.multinomial draws an exponential per vocabulary entry:
+    that was half of a batched decode step at 8 rows of an 8k vocabulary."""
+    cdf = probs.cumsum(dim=-1)  # (B, V)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
+    return token.clamp_(max=probs.size(-1) - 1).squeeze(-1)
 
 
 def sampling_probs(logits: Tensor, temperature: float, top_k: int | None, top_p: float) -> Tensor:
@@ -310,10 +323,7 @@ class BatchDecoder:
     def _sample(self, pending: list[tuple[Row, Tensor]]) -> list[tuple[Row, int]]:
         """A token for each row from its logits, exactly as sample_next draws it for that row
         alone. Rows with the same temperature, top_k and top_p share one filtering pass and one
-        draw: torch.multinomial draws one sample as argmax(probs / q), q ~ Exp(1) from the
-        row's generator, so each row fills its q from its own generator (the same numbers, and
-        the same generator state after, as multinomial) and one argmax serves the group; a
-        multinomial call per row cost 4x more on a small vocabulary."""
+        inverse-CDF draw, each row with the uniform number its own generator gives."""
         groups = {}
         for row, logits in pending:
             if row.owed is not None:  # tokens still to come after this one
@@ -326,12 +336,10 @@ class BatchDecoder:
                 tokens = logits.argmax(dim=-1).tolist()
             else:
                 probs = sampling_probs(logits, temperature, top_k, top_p)
-                q = torch.empty_like(probs)
-                for i, (row, _) in enumerate(items):
-                    q[i].exponential_(1, generator=row.generator)
-                tokens = (probs / q).argmax(dim=-1).tolist()
-                # what multinomial refuses (inf, nan, no mass) fails that row alone
-                bad = (~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)).tolist()
+                u = torch.cat([torch.rand(1, generator=row.generator, device=probs.device) for row, _ in items])
+                tokens = inverse_cdf(probs, u).tolist()
+                # what sample_next refuses (inf, nan) fails that row alone
+                bad = (~torch.isfinite(probs).all(dim=-1)).tolist()
                 for i, (row, _) in enumerate(items):
                     if bad[i]:
                         tokens[i] = self._fail(row, RuntimeError("the model's next-token probabilities "

@@ -5,7 +5,7 @@ and the model's per-row positions (a LongTensor pos) against its int path."""
 import pytest
 import torch
 
-from engine import BatchDecoder, generate
+from engine import BatchDecoder, generate, inverse_cdf, sample_next
 from model import GPT, GPTConfig
 
 V = 41
@@ -164,7 +164,7 @@ def test_a_failing_row_fails_alone():
 
 
 def test_a_row_whose_probabilities_are_not_finite_fails_alone():
-    """multinomial refuses a NaN distribution; the batched draw refuses it for that row only."""
+    """sample_next refuses a NaN distribution; the batched draw refuses it for that row only."""
     model = tiny()
     batch = BatchDecoder(model, slots=2)
     a = batch.add([1, 2], 5, temperature=1.0, generator=torch.Generator().manual_seed(0), tag="a")
@@ -172,7 +172,9 @@ def test_a_row_whose_probabilities_are_not_finite_fails_alone():
     logits = torch.randn(2, V)
     made = batch._sample([(a, torch.full((1, V), float("nan"))), (b, logits[1:])])
     assert [r.tag for r in batch.failed] == ["a"] and "not finite" in str(a.error)
-    want = int(torch.multinomial(torch.softmax(logits[1:], -1), 1, generator=torch.Generator().manual_seed(0)))
+    want = int(sample_next(logits[1:], 1.0, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(RuntimeError, match="not finite"):
+        sample_next(torch.full((1, V), float("nan")), 1.0)
     assert made == [(b, want)]
 
 
@@ -193,3 +195,16 @@ def test_replies_in_a_batch_are_the_replies_one_at_a_time():
         out = alone(model, p[-(32 - 12):], 12, temperature=0.0, stop_tokens=(end,))
         assert text == tok.decode(out[:out.index(end)] if end in out else out)
     assert any(end in alone(model, p[-20:], 12, temperature=0.0, stop_tokens=(end,)) for p in ps)
+
+
+def test_the_draw_follows_the_distribution_and_skips_zero_probabilities():
+    """inverse_cdf: one uniform number per row; the frequencies match the probabilities, a
+    zero-probability token never comes, and u at the edges stays in range."""
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]])
+    u = torch.rand(20000, generator=torch.Generator().manual_seed(0))
+    tokens = inverse_cdf(probs.expand(20000, -1), u)
+    freq = torch.bincount(tokens, minlength=5).float() / 20000
+    assert freq[1] == 0 and freq[4] == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+    assert inverse_cdf(probs, torch.tensor([0.0])).item() == 0
+    assert inverse_cdf(probs, torch.tensor([1.0 - 1e-7])).item() == 3
