@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_model
+from checkpoint import checkpoint_path, load_model
 from data import DataError, dataset_dir
 from engine import generate as decode
 from files import atomic_write
@@ -70,7 +70,7 @@ def build(cfg, run):
         data_dir = None
     meta = load_meta(data_dir) if data_dir is not None else {"vocab_size": cfg.vocab_size or 50304}
     out_dir = cfg.out_dir or os.path.join("weight", os.path.basename(cfg.dataset.rstrip("/")))
-    ckpt_path = os.path.join(out_dir, "ckpt.pt")
+    ckpt_path = checkpoint_path(out_dir, "ckpt") or os.path.join(out_dir, "ckpt.pt")  # .pt or sharded .dcp/
     torch.manual_seed(cfg.seed)
     if cfg.init_from == "resume" or (cfg.init_from == "auto" and os.path.exists(ckpt_path)):
         model, _ = load_model(ckpt_path, run.device)

@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     if cfg.prompt_loss_weight or cfg.cls_head == "mlp":
         raise ConfigError("DPO scores whole replies of a language model: prompt_loss_weight and "
                           "cls_head = 'mlp' do not apply; remove them")
-    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
+    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads, cfg.dist_timeout)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
     if meta.get("task") != "dpo":

@@ -180,7 +180,7 @@ def main(argv=None) -> dict:
     if not cfg.base or not cfg.dataset:
         raise ConfigError("sft.py needs base (the pretrained run folder, weight/<run>) and "
                           "dataset (the SFT data from prepare/sft.py)")
-    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
+    run = setup_runtime(cfg.device, cfg.dtype, cfg.threads, cfg.dist_timeout)
     data_dir = dataset_dir(cfg.dataset)
     meta = load_meta(data_dir)
     if not os.path.exists(os.path.join(data_dir, "train.mask.bin")):

@@ -626,7 +626,7 @@ class Trainer:
             self.logger.close()
         if stopped == "signal":
             print0(f"\nstopped by {signals.raised or 'a signal on another rank'} after iter {self.iter_num}; "
-                   f"checkpoint saved to {cfg.out_dir}/ckpt.pt. To resume, run the same command again "
+                   f"checkpoint saved to {checkpoint_path(cfg.out_dir, 'ckpt')}. To resume, run the same command again "
                    "(train.py: with --init_from=resume or auto; sft.py resumes by itself)")
         last_eval = next((r for r in reversed(self.logger.records) if "val_loss" in r), None)
         return {"stopped": stopped, "iters": self.iter_num, "best_val_loss": self.best_val_loss,
@@ -637,8 +637,9 @@ def done_line(summary: dict, out_dir: str) -> str:
     """What a finished run says: where its weights are, and the best val loss only if an
     evaluation after training found one (else there is no best.pt, only ckpt.pt)."""
     best = summary["best_val_loss"]
-    saved = (f"best val loss {best:.4f} (best.pt), last weights in ckpt.pt" if math.isfinite(best) else
-             "no evaluation after training, so no best.pt: ckpt.pt holds the last weights")
+    ckpt, best_name = (os.path.basename(checkpoint_path(out_dir, n) or f"{n}.pt") for n in ("ckpt", "best"))
+    saved = (f"best val loss {best:.4f} ({best_name}), last weights in {ckpt}" if math.isfinite(best) else
+             f"no evaluation after training, so no {best_name}: {ckpt} holds the last weights")
     return f"done: {summary['iters']} iters in {summary['elapsed_s']:.1f}s; {out_dir}/: {saved}"
 
 
@@ -791,10 +792,10 @@ def main(argv=None) -> dict:
         del state["model"]
         cfg.lora_new_tokens_from = model.lora.lora_new_tokens_from
         report_trainable(model)
-        print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
+        print0(f"resuming from {checkpoint_path(cfg.out_dir, 'ckpt')} at iter {state['iter_num']}")
     elif state is not None:
         model.load_state_dict(state.pop("model"))  # no second copy of the weights for the run
-        print0(f"resuming from {cfg.out_dir}/ckpt.pt at iter {state['iter_num']}")
+        print0(f"resuming from {checkpoint_path(cfg.out_dir, 'ckpt')} at iter {state['iter_num']}")
     elif cfg.lora_rank and lora_base is None:
         raise ConfigError(f"lora_rank = {cfg.lora_rank} trains adapters on pretrained weights; give them "
                           "with --init_from=weight/<run>|HF_FOLDER|gpt2 (sft.py: --base=...)", "lora_rank")
