@@ -517,6 +517,15 @@ async def job_items(job: Job, request):
                 if not done:
                     continue
             item, getter = getter.result(), None
+            # text the worker made while this reply was being sent goes out as one event: when
+            # the HTTP side falls behind the batch, it catches up instead of queueing more
+            while isinstance(item, str) and not job.out.empty():
+                more = job.out.get_nowait()
+                if not isinstance(more, str):
+                    yield item
+                    item = more
+                    break
+                item += more
             if item is FINISHED:
                 return
             if isinstance(item, Exception):
