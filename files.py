@@ -76,7 +76,7 @@ def claim_folder(dest: str, command: str, overwrite: bool = False) -> None:
     if not present or ours:
         return
     shown = ", ".join(present[:4]) + (f" and {len(present) - 4} more" if len(present) > 4 else "")
-    what = "a training run" if {"ckpt.pt", "best.pt"} & set(present) else "files this command did not write"
+    what = "a training run" if {"ckpt.pt", "best.pt", "ckpt.dcp", "best.dcp"} & set(present) else "files this command did not write"
     if not overwrite:
         raise DestinationError(f"{dest} holds {what} ({shown}); pick a new folder, or pass --overwrite to "
                                "replace what this command writes there")
