@@ -193,7 +193,8 @@ class Rollouts:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
         self.order = self._order()
 
-    def next_questions(self) -> list[int]:
+    def next_questions(self) -> list[tuple[int, int]]:
+        """(question index, draw number) of the next micro-batch."""
         B = self.cfg.batch_size
         step = B * self.accum
         if (self.pos // B) % self.accum == 0 and self.pos + step > len(self):
