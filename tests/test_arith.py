@@ -110,7 +110,8 @@ def test_prepare_writes_base_text_chats_and_val_files(tmp_path, monkeypatch):
     corpus = open("data/arith_base/train.bin", "rb").read() + open("data/arith_base/val.bin", "rb").read()
     base = CharTokenizer(load_meta("data/arith_base")["chars"])
     text = base.decode(np.frombuffer(corpus, dtype=np.uint16).tolist())
-    assert all(r["prompt"] not in text for r in map(json.loads, open("data/arith/val_wordings.jsonl", encoding="utf-8")))
+    held_out = [json.loads(line) for line in open("data/arith/val_wordings.jsonl", encoding="utf-8")]
+    assert all(r["prompt"] not in text for r in held_out)
 
 
 def test_dropped_characters_are_named():
