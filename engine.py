@@ -473,20 +473,26 @@ def fit_history(tok, system: list[dict], history: list[dict], budget: int) -> tu
 def reply(model: GPT, tok: Tokenizer, ids: list[int], max_new_tokens: int, run: Runtime,
           utf8: bool = True) -> str:
     """The greedy reply after prompt ids (a conversation rendered up to the assistant's start),
-    cut at the end of the turn. The reply gets at most half the window; a longer prompt keeps
-    its last tokens. What sft.py logs, decoded as chat and serve decode."""
+    cut at the end of the turn. The reply gets the window the prompt leaves (at least half of
+    it: a longer prompt keeps its last tokens). What sft.py logs, decoded as chat and serve
+    decode."""
     return replies(model, tok, [ids], max_new_tokens, run, utf8, slots=1)[0]
 
 
 def replies(model: GPT, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int, run: Runtime,
             utf8: bool = True, slots: int = 16) -> list[str]:
     """reply() for many prompts, decoded `slots` at a time as one batch (what eval.py scores)."""
-    end = tok.token_id(END_OF_TURN)
-    budget = min(max_new_tokens, model.config.block_size // 2)
+    end, block = tok.token_id(END_OF_TURN), model.config.block_size
     constraint = utf8_constraint(tok, model.config.vocab_size, run.device) if utf8 else None
     batch = BatchDecoder(model, min(slots, max(1, len(prompts))), autocast=run.autocast)
-    rows = [batch.add(ids[-(model.config.block_size - budget):], budget, temperature=0.0, stop_tokens=(end,),
-                      constraint=constraint) for ids in prompts]
+    rows = []
+    for ids in prompts:
+        # the prompt stays whole and the reply takes the rest of the window, up to
+        # max_new_tokens; only a prompt that would leave the reply less than half the window
+        # (or max_new_tokens, if smaller) loses its oldest tokens
+        budget = min(max_new_tokens, max(block - len(ids), block // 2))
+        rows.append(batch.add(ids[-(block - budget):], budget, temperature=0.0, stop_tokens=(end,),
+                              constraint=constraint))
     while batch.busy():
         batch.step()
         if batch.failed:

@@ -53,7 +53,7 @@ from engine import BatchDecoder, StopStrings, decode_stream, fit_history, load_f
 from images import ImageError, image_codebook, image_ids as encode_image, image_pixels, read_image
 from images import token_ids as wrap_tokens
 from settings import ConfigError, check_settings, cli, load_config, setting
-from tokenizer import CHAT_TOKENS, StreamDecoder
+from tokenizer import CHAT_TOKENS, StreamDecoder, dropped_note
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "serve.html")
 
@@ -437,9 +437,9 @@ class Completion:
     """One completion request's response, in OpenAI's chat or text shape, whole or streamed."""
 
     def __init__(self, job: Job, request, req: Sampling, s: Served, prompt_tokens: int, chat: bool,
-                 t0: float):
+                 t0: float, warnings: list[str]):
         self.job, self.request, self.req, self.s, self.chat = job, request, req, s, chat
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens, self.warnings = prompt_tokens, warnings
         self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12),
                      "object": "chat.completion" if chat else "text_completion",
                      "created": int(time.time()), "model": s.name}
@@ -478,15 +478,19 @@ class Completion:
         body = {"index": 0, "finish_reason": finish.reason}
         body.update({"message": {"role": "assistant", "content": text}} if self.chat
                     else {"text": text, "logprobs": None})
-        return {**self.head, "choices": [body], "usage": self.usage(finish.completion_tokens)}
+        out = {**self.head, "choices": [body], "usage": self.usage(finish.completion_tokens)}
+        return {**out, "warnings": self.warnings} if self.warnings else out
 
     async def events(self):
         """Server-sent events: a chunk per piece of text, one with the finish reason, the usage
         chunk when stream_options asks for it, then [DONE]."""
         chunk = {**self.head, "object": "chat.completion.chunk" if self.chat else "text_completion"}
+        first = {"warnings": self.warnings} if self.warnings else {}  # in the first chunk
         if self.chat:
-            yield sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})
+            yield sse({**chunk, **first, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                     "finish_reason": None}]})
+        elif first:
+            yield sse({**chunk, **first, "choices": [self.choice("", None)]})
         try:
             async for item in self.items():
                 if isinstance(item, Finish):
@@ -640,13 +644,15 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         worker.submit(job)  # before any response starts, so a busy server can still say 429
         return job
 
-    async def respond(request, req: Sampling, s: Served, ids: list[int], stop_tokens, chat: bool):
+    async def respond(request, req: Sampling, s: Served, ids: list[int], stop_tokens, chat: bool, text: str):
         t0 = time.perf_counter()
+        # every character sent reaches the model or is named: a char vocabulary drops the others
+        warnings = [n for n in [dropped_note(s.tok, text)] if n]
         if cfg.batching:
             job = submit(None, TextJob(s, ids, req, stop_tokens, asyncio.get_running_loop()))
         else:
             job = submit(generate_steps(s, ids, req, stop_tokens))
-        done = Completion(job, request, req, s, len(ids), chat, t0)
+        done = Completion(job, request, req, s, len(ids), chat, t0, warnings)
         if req.stream:
             return StreamingResponse(done.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -676,9 +682,10 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         if len(req.messages) > cfg.max_messages:
             raise ApiError(400, f"messages: {len(req.messages)} messages; at most {cfg.max_messages}")
         check_sampling(req)
-        ids = chat_prompt(s, [{"role": m.role, "content": m.text()} for m in req.messages], req.max_tokens)
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        ids = chat_prompt(s, messages, req.max_tokens)
         stop_tokens = [s.tok.token_id(t) for t in CHAT_TOKENS]  # a new turn ends the reply too
-        return await respond(request, req, s, ids, stop_tokens, chat=True)
+        return await respond(request, req, s, ids, stop_tokens, True, "".join(m["content"] for m in messages))
 
     @app.post("/v1/completions", openapi_extra=json_body(CompletionRequest))
     async def completions(request: Request):
@@ -687,7 +694,9 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         check_sampling(req)
         eot = s.tok.special_tokens.get("<|endoftext|>")
         stop_tokens = [] if eot is None else [eot]
-        return await respond(request, req, s, text_prompt(s, req.prompt), stop_tokens, chat=False)
+        prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
+        return await respond(request, req, s, text_prompt(s, req.prompt), stop_tokens, False,
+                             prompt if isinstance(prompt, str) else "")
 
     @app.post("/v1/classify", openapi_extra=json_body(ClassifyRequest))
     async def classify(request: Request):

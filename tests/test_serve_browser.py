@@ -164,3 +164,12 @@ def test_the_page_fits_a_desktop_and_a_phone(browser, width, height, tmp_path):
             assert layout_problems(browser, selectors, wide) == [], (tab, width)
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_characters_the_model_cannot_read_are_named_on_the_page(browser):
+    """The server names the characters a char vocabulary lacks; the page shows that, as text."""
+    browser.find_element(By.ID, "tab-chat").click()
+    browser.find_element(By.ID, "prompt").send_keys("hello ☃")
+    browser.find_element(By.ID, "send").click()
+    WebDriverWait(browser, 30).until(lambda d: any("☃" in n.text for n in d.find_elements(By.CSS_SELECTOR, ".msg.note")))
+    WebDriverWait(browser, 30).until(lambda d: d.find_element(By.ID, "send").is_enabled())
