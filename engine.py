@@ -60,7 +60,7 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:
     """Row b's token: the first whose cumulative probability passes u[b] (B,) in [0, 1) of the
     row's mass; a zero-probability token is never picked. One uniform number per row (as
     llama.cpp samples), where torch.multinomial draws an exponential per vocabulary entry:
-    that was half of a batched decode step at 8 rows of an 8k vocabulary."""
+    those were a fifth of a batched decode step at 8 rows of an 8k vocabulary."""
     cdf = probs.cumsum(dim=-1)  # (B, V)
     token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)
     return token.clamp_(max=probs.size(-1) - 1).squeeze(-1)
@@ -342,8 +342,9 @@ class BatchDecoder:
                 bad = (~torch.isfinite(probs).all(dim=-1)).tolist()
                 for i, (row, _) in enumerate(items):
                     if bad[i]:
-                        tokens[i] = self._fail(row, RuntimeError("the model's next-token probabilities "
-                                                                 "are not finite for this request"))
+                        self._fail(row, RuntimeError("the model's next-token probabilities are not "
+                                                     "finite for this request"))
+                        tokens[i] = None
             made += [(row, self._take(row, t)) for (row, _), t in zip(items, tokens) if t is not None]
         return made
 
