@@ -77,15 +77,17 @@ def test_wrong_type_and_computed_values(tmp_path):
 
 
 def test_shipped_configs_load():
-    """Every config/*.py loads: dpo.py's (dpo_*) with DPOConfig, sft.py's (they name a base) with
-    SFTConfig, the rest with train's."""
+    """Every config/*.py loads: dpo.py's (dpo_*) with DPOConfig, rl.py's (rl_*) with RLConfig,
+    sft.py's (they name a base) with SFTConfig, the rest with train's."""
     import dpo
+    import rl
     import sft
     for name in sorted(os.listdir(os.path.join(ROOT, "config"))):
         if name.endswith(".py"):
             path = os.path.join(ROOT, "config", name)
             is_sft = any(line.startswith("base = ") for line in open(path, encoding="utf-8"))
-            cls = dpo.DPOConfig if name.startswith("dpo_") else sft.SFTConfig if is_sft else train.TrainConfig
+            cls = (dpo.DPOConfig if name.startswith("dpo_") else rl.RLConfig if name.startswith("rl_")
+                   else sft.SFTConfig if is_sft else train.TrainConfig)
             load_config(cls, [path])
 
 
