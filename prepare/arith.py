@@ -7,7 +7,8 @@ asked the many ways people ask it, in English and Chinese.
     python eval.py --out_dir=weight/arith --generate --prompts=data/arith/val_wordings.jsonl
 
 Questions are sums and differences of numbers below 1000 and products of a number below 100
-with one digit; a product's answer shows its work (87 × 7 = 560 + 49 = 609). They come from a
+with one digit; a product's answer shows its work (87 × 7 = 560 + 49 = 609), and so does a
+difference (503 - 287 = 223 - 7 = 216). They come from a
 grammar, not a list: a courtesy (or none), then a frame (the sentence around the operation:
 "what is E?", "E = ?", "E, please.", "Can you E?") around an expression of the operation (the
 verb first or last, both operand orders where the operation allows, symbols or one of several
@@ -107,7 +108,7 @@ EXPRESSIONS = {
               "{b} multiplied by {a}", "{b} times {a}", "!multiply {b} by {a}", "{a} sets of {b}"],
     },
     "zh": {
-        "+": ["{a}{op}{b}", "{a}和{b}的和", "{a}与{b}相加", "!把{a}和{b}加起来", "{a}加{b}",
+        "+": ["{a}{op}{b}", "{a}和{b}的和", "{a}与{b}相加", "{a}和{b}相加", "!把{a}和{b}加起来", "{a}加{b}",
               "{b}加到{a}上", "{a}再加{b}", "比{a}多{b}", "{a}跟{b}的和", "{a}和{b}加在一起",
               "{a}与{b}之和", "!给{a}加上{b}"],
         "-": ["{a}{op}{b}", "{a}和{b}的差", "!从{a}里减去{b}", "{a}减掉{b}", "{a}与{b}之差",
@@ -139,13 +140,17 @@ COURTESY = {"en": ["", "", "", "Please: ", "Hi! ", "Hey, ", "Excuse me, ", "Quic
                    "Could you help? "],
             "zh": ["", "", "", "请问", "你好，", "麻烦你，", "老师，", "请帮忙：", "问个问题："]}
 # Held out from training: whole expressions and frames (the sentences around them). Every word
-# in them also occurs in a trained production, so a model that reads can answer them.
+# in them also occurs in a trained production WITH THE SAME MEANING, so a model that reads can
+# answer them. (Until issue 25's third try "比{a}多{b}" was held out: 多 ("more") occurred in
+# training only inside 多少 ("how much"), so that item tested a meaning training never taught; 9
+# of the 29 Chinese held-out misses were it read as a difference. It is trained now, beside its
+# trained twin 比{a}少{b}, and "{a}和{b}相加" (和 "and" + 相加 "add up", both trained) is held out.)
 HELD_OUT = {
     "en": {"+": ["{a} added to {b}", "{a} and {b} together", "{a} with {b} added"],
            "-": ["{b} subtracted from {a}", "!from {a} take {b}", "{a} take away {b}"],
            "*": ["{b} multiplied by {a}", "{b} times {a}", "!multiply {b} by {a}"],
            "frames": ["Tell me {E}.", "Can you work out {E}?", "Quick: {E}?", "{E} is what?", "Could you {E}?"]},
-    "zh": {"+": ["比{a}多{b}", "{a}与{b}之和", "{a}跟{b}的和"],
+    "zh": {"+": ["{a}和{b}相加", "{a}与{b}之和", "{a}跟{b}的和"],
            "-": ["{a}减掉{b}", "{a}去掉{b}", "{a}与{b}的差"],
            "*": ["{b}乘以{a}", "{b}倍的{a}", "{a}与{b}之积"],
            "frames": ["{E}得多少？", "帮我算{E}。", "{E}的结果是多少？", "算一下{E}吧。", "麻烦{E}。", "{E}，是多少？"]},
@@ -156,6 +161,13 @@ ANSWERS = {"en": "{a} {op} {b} = {c}.", "zh": "{a}{op}{b}等于{c}。"}
 # the hundreds digit of 609 needs the whole product before its first character.
 WORKED = {"en": "{a} × {b} = {t} + {u} = {c}.", "zh": "{a}乘{b}等于{t}加{u}，等于{c}。"}
 ANSWER_OPS = {"en": {"+": "+", "-": "-", "*": "×"}, "zh": {"+": "加", "-": "减", "*": "乘"}}
+# A difference shows its work too, tens first: 503 - 287 = 223 - 7 = 216. The first step takes
+# the subtrahend's tens and hundreds (503 - 280: its hundreds digit borrows only on one digit
+# compare, 0 < 8), the second its ones; written at once, the hundreds digit of 216 needs the
+# borrows of both lower columns before its first character (most misses were such borrows).
+# (Writing the first step out, 503 - 287 = 503 - 280 - 7 = 223 - 7 = 216, did not do better:
+# docs/lab-notes.md, the grammar version.)
+WORKED_SUB = {"en": "{a} - {b} = {t} - {u} = {c}.", "zh": "{a}减{b}等于{t}减{u}，等于{c}。"}
 
 
 def frames_for(lang: str, expression: str) -> list[str]:
@@ -177,6 +189,8 @@ def answer(lang: str, op: str, a: int, b: int) -> str:
     c = {"+": a + b, "-": a - b, "*": a * b}[op]
     if op == "*" and a >= 10 and b >= 2:
         return WORKED[lang].format(a=a, b=b, t=a // 10 * 10 * b, u=a % 10 * b, c=c)
+    if op == "-" and b >= 10 and b % 10:
+        return WORKED_SUB[lang].format(a=a, b=b, t=a - b // 10 * 10, u=b % 10, c=c)
     return ANSWERS[lang].format(a=a, b=b, c=c, op=ANSWER_OPS[lang][op])
 
 

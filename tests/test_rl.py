@@ -158,7 +158,8 @@ def test_a_short_run_raises_the_reward(work):
     """The reward of the rollouts of iterations 1-2 against those of 11-12."""
     rl.main(ARGS + ["--out_dir=weight/short", "--max_iters=12", "--eval_interval=2", "--val_prompts="])
     evals = [r for r in read_log("weight/short") if "rollout_reward" in r]
-    assert evals[0]["rollout_reward"] < 0.7 and evals[-1]["rollout_reward"] > 0.9, evals
+    first, last = evals[0]["rollout_reward"], evals[-1]["rollout_reward"]
+    assert first < 0.8 and last > 0.9 and last - first > 0.15, evals
 
 
 def test_reward_errors_name_the_key(work):
