@@ -1,6 +1,7 @@
 """Shared test set-up: the repo root on sys.path, the offline tiktoken cache, CPU float32."""
 import json
 import os
+import signal
 import sys
 import tempfile
 
@@ -21,6 +22,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests star
 # Measurements kept between runs (matmul peak, CPU dtype choice) go to a folder of this session,
 # never ~/.cache/danlu: a test neither reads a real run's choices nor leaves its own behind.
 os.environ["DANLU_CACHE_DIR"] = tempfile.mkdtemp(prefix="danlu-test-cache-")
+# A suite started in the background by a shell without job control (`(pytest &)`) inherits
+# SIGINT ignored, and so would every process it starts: the Ctrl-C tests would send a signal
+# nobody hears. Ctrl-C is what they test, so the suite hears it again.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def write_char_dataset(folder: str, text: str, n_val: int):
