@@ -86,10 +86,9 @@ def checkpoint_path(folder: str, name: str = "ckpt") -> str | None:
     """A run folder's checkpoint `name` (ckpt or best): name.pt or the sharded name.dcp/,
     whichever was written last (both are there only if a save was killed between writing one
     and removing the other); None when there is neither."""
-    found = [p for p in (os.path.join(folder, name + ".pt"),) if os.path.isfile(p)]
-    sharded = sharded_folder(os.path.join(folder, name + SHARDED))
-    if sharded:
-        found.append(sharded)
+    single = os.path.join(folder, name + ".pt")
+    found = [p for p in (single if os.path.isfile(single) else None,
+                         sharded_folder(os.path.join(folder, name + SHARDED))) if p]
     return max(found, key=written_at) if found else None
 
 

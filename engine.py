@@ -242,6 +242,14 @@ class BatchDecoder:
     def busy(self) -> bool:
         return bool(self.waiting) or any(r is not None for r in self.slots)
 
+    def run(self) -> None:
+        """Step until every row is done, for a fixed set of rows wanted whole (eval's replies,
+        RL's rollouts): the first row that fails raises its error."""
+        while self.busy():
+            self.step()
+            if self.failed:
+                raise self.failed[0].error
+
     def rows(self) -> list[Row]:
         return [r for r in self.slots if r is not None] + list(self.waiting)
 
@@ -494,12 +502,20 @@ def replies(model: GPT, tok: Tokenizer, prompts: list[list[int]], max_new_tokens
         budget = min(max_new_tokens, max(block - len(ids), block // 2))
         rows.append(batch.add(ids[-(block - budget):], budget, temperature=0.0, stop_tokens=(end,),
                               constraint=constraint))
-    while batch.busy():
-        batch.step()
-        if batch.failed:
-            raise batch.failed[0].error
-    made = [r.ids[len(r.ids) - r.n:] for r in rows]
-    return [tok.decode(out[:out.index(end)] if end in out else out) for out in made]
+    batch.run()
+    return [turn_text(tok, r.ids[len(r.ids) - r.n:]) for r in rows]
+
+
+def turn_text(tok: Tokenizer, ids: list[int]) -> str:
+    """The text of a turn's tokens, up to its end-of-turn token if it has one."""
+    end = tok.token_id(END_OF_TURN)
+    return tok.decode(ids[:ids.index(end)] if end in ids else ids)
+
+
+def chat_budget(block_size: int, max_new_tokens: int) -> int:
+    """The tokens a chat's prompt (system turn, history, new message) may take: the reply keeps
+    max_new_tokens of the window, at most half of it (sample.py --chat and serve.py alike)."""
+    return block_size - min(max_new_tokens, block_size // 2)
 
 
 def user_prompt(tok: Tokenizer, text: str) -> list[int]:

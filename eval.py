@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from checkpoint import grow_vocab
 from classify import class_names, evaluate, loader_batches, report
 from data import Examples, dataset_dir, is_example_dataset
-from engine import load_for_inference, replies
+from engine import load_for_inference, replies, turn_text
 from files import atomic_write, claim_file
 from settings import ConfigError, check_settings, cli, load_config, setting
-from tokenizer import END_OF_TURN, ROLE_TOKENS, from_meta, load_meta, render_conversation, same_base
+from tokenizer import ROLE_TOKENS, from_meta, load_meta, render_conversation, same_base
 
 
 @dataclass
@@ -211,14 +211,12 @@ def val_conversations(ckpt: dict, cfg: EvalConfig, tok) -> list[dict]:
     data = np.memmap(os.path.join(data_dir, f"{cfg.split}.bin"), dtype=np.uint16, mode="r")
     starts = np.fromfile(os.path.join(data_dir, f"{cfg.split}.idx"), dtype=np.uint64).astype(np.int64)
     ends = np.append(starts[1:], len(data))
-    start, end = tok.token_id(ROLE_TOKENS["assistant"]), tok.token_id(END_OF_TURN)
+    start = tok.token_id(ROLE_TOKENS["assistant"])
     items = []
     for s, e in zip(starts[:cfg.max_examples], ends[:cfg.max_examples]):
         ids = data[s:e].astype(np.int64).tolist()
         cut = len(ids) - 1 - ids[::-1].index(start)
-        reply = ids[cut + 1:]
-        reply = reply[:reply.index(end)] if end in reply else reply
-        items.append({"ids": ids[:cut + 1], "prompt": tok.decode(ids[:cut + 1]), "reference": tok.decode(reply)})
+        items.append({"ids": ids[:cut + 1], "prompt": tok.decode(ids[:cut + 1]), "reference": turn_text(tok, ids[cut + 1:])})
     return items
 
 

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from checkpoint import base_model
 from data import DataError, dataset_dir, read_utf8
-from engine import BatchDecoder
+from engine import BatchDecoder, turn_text
 from lora import adapters_off
 from model import GPT
 from runtime import print0, setup_runtime
@@ -152,17 +152,9 @@ def sample_replies(model: GPT, tok, prompts: list[list[int]], n: int, temperatur
         for j in range(n):
             g = generators[i * n + j] if generators is not None else None
             rows.append(decoder.add(ids, budget, temperature, top_k or None, generator=g, stop_tokens=(end,)))
-    while decoder.busy():
-        decoder.step()
-        if decoder.failed:
-            raise decoder.failed[0].error
+    decoder.run()
     model.train(was_training)
     return [row.ids[len(ids):] for row, ids in zip(rows, (p for p in prompts for _ in range(n)))]
-
-
-def reply_text(tok, reply: list[int]) -> str:
-    end = tok.token_id(END_OF_TURN)
-    return tok.decode(reply[:reply.index(end)] if end in reply else reply)
 
 
 class Rollouts:
@@ -218,7 +210,7 @@ class Rollouts:
         rows = []
         for k, (i, _) in enumerate(picked):
             q, group = self.questions[i], replies[k * n:(k + 1) * n]
-            rewards = np.array([float(self.reward_fn(q["prompt"], reply_text(self.tok, r), q["reference"]))
+            rewards = np.array([float(self.reward_fn(q["prompt"], turn_text(self.tok, r), q["reference"]))
                                 for r in group])
             right = rewards >= 1.0
             self.stats += [n, rewards.sum(), right.sum(), 1, right.any()]
@@ -308,7 +300,7 @@ def pass_rates(model: GPT, tok, questions: list[dict], reward_fn, cfg: RLConfig,
     overall and per group) and pass@k (any of k sampled replies right, drawn the same way at every
     evaluation) of the questions, in percent; the greedy replies' mean length in tokens."""
     prompts = [user_ids(tok, q["prompt"]) for q in questions]
-    right = lambda q, r: float(reward_fn(q["prompt"], reply_text(tok, r), q["reference"])) >= 1.0  # noqa: E731
+    right = lambda q, r: float(reward_fn(q["prompt"], turn_text(tok, r), q["reference"])) >= 1.0  # noqa: E731
     greedy = sample_replies(model, tok, prompts, 1, 0.0, 0, cfg.max_new_tokens, autocast=autocast)
     ok = np.array([right(q, r) for q, r in zip(questions, greedy)])
     out = {"pass@1": 100 * ok.mean(), "reply_tokens": float(np.mean([len(r) for r in greedy]))}

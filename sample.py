@@ -19,7 +19,7 @@ import torch
 
 from classify import class_names, class_probs, class_token_ids, evaluate, loader_batches, report
 from data import Examples, dataset_dir, dataset_path
-from engine import decode_stream, fit_history, load_for_inference
+from engine import chat_budget, decode_stream, fit_history, load_for_inference
 from files import atomic_write
 from images import ImageError, image_codebook, image_files, image_ids, image_pixels, read_image, read_token_examples
 from settings import ConfigError, check_settings, cli, load_config, setting
@@ -132,7 +132,7 @@ def chat(cfg: SampleConfig) -> None:
     end = tok.token_id(END_OF_TURN)
     block = model.config.block_size
     # keep room for the reply: at most half the context, and no more than max_new_tokens
-    budget = block - min(cfg.max_new_tokens, block // 2)
+    budget = chat_budget(block, cfg.max_new_tokens)
     if budget < 4:  # <|user|> one token <|end|> <|assistant|>
         raise ConfigError(f"block_size = {block} leaves {budget} tokens for the prompt; a chat turn "
                           "needs at least 4. Use a larger --block_size (or leave it at 0)", "block_size")

@@ -49,7 +49,8 @@ from api import (MAX_STOP_CHARS, MAX_STOPS, MIN_TEMPERATURE, MIN_TOP_P, ApiError
                  parse_json, validation_message)
 from classify import class_names, class_probs, class_token_ids
 from data import dataset_path
-from engine import BatchDecoder, StopStrings, decode_stream, fit_history, load_for_inference, utf8_constraint
+from engine import (BatchDecoder, StopStrings, chat_budget, decode_stream, fit_history, load_for_inference,
+                    utf8_constraint)
 from images import ImageError, image_codebook, image_ids as encode_image, image_pixels, read_image
 from images import token_ids as wrap_tokens
 from settings import ConfigError, check_settings, cli, load_config, setting
@@ -736,8 +737,7 @@ def chat_prompt(s: Served, messages: list[dict], max_tokens: int) -> list[int]:
     n_system = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
     if n_system == len(messages):
         raise ApiError(400, "messages: there is nothing after the system prompt to reply to")
-    block = s.model.config.block_size
-    budget = block - min(max_tokens, block // 2)
+    budget = chat_budget(s.model.config.block_size, max_tokens)
     return fit_history(s.tok, messages[:n_system], messages[n_system:], budget)[1]
 
 
