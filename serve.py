@@ -695,9 +695,8 @@ def make_app(served: dict[str, Served], cfg: ServeConfig):
         check_sampling(req)
         eot = s.tok.special_tokens.get("<|endoftext|>")
         stop_tokens = [] if eot is None else [eot]
-        prompt = req.prompt[0] if isinstance(req.prompt, list) and len(req.prompt) == 1 else req.prompt
-        return await respond(request, req, s, text_prompt(s, req.prompt), stop_tokens, False,
-                             prompt if isinstance(prompt, str) else "")
+        prompt = one_prompt(req.prompt)
+        return await respond(request, req, s, text_prompt(s, prompt), stop_tokens, False, prompt)
 
     @app.post("/v1/classify", openapi_extra=json_body(ClassifyRequest))
     async def classify(request: Request):
@@ -741,12 +740,17 @@ def chat_prompt(s: Served, messages: list[dict], max_tokens: int) -> list[int]:
     return fit_history(s.tok, messages[:n_system], messages[n_system:], budget)[1]
 
 
-def text_prompt(s: Served, prompt) -> list[int]:
-    """Prompt ids for /v1/completions: the last block_size - 1 tokens of the prompt."""
+def one_prompt(prompt) -> str:
+    """/v1/completions' prompt: a string, or a list of one."""
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise ApiError(400, "prompt: send one prompt per request (a string or a list of one)")
         prompt = prompt[0]
+    return prompt
+
+
+def text_prompt(s: Served, prompt: str) -> list[int]:
+    """Prompt ids for /v1/completions: the last block_size - 1 tokens of the prompt."""
     ids = s.tok.encode(prompt)
     if not ids:
         if "<|endoftext|>" not in s.tok.special_tokens:
