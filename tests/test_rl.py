@@ -178,3 +178,44 @@ def test_reward_errors_name_the_key(work):
     r = run_script("rl.py", *ARGS, "--out_dir=weight/x", "--reward=nosuchmodule:f", check=False)
     assert r.returncode != 0 and "reward" in r.stderr and "Traceback" not in r.stderr
     assert load_meta("data/arith")["task"] == "sft"
+
+
+def test_pairs_are_the_models_own_wrong_replies_against_the_reference(work):
+    """prepare/pairs.py: the reference is chosen, a reply the reward scored wrong rejected (the
+    greedy one first), each question at most --per_question times; prepare/dpo.py reads the file
+    and dpo.py (LoRA) trains on it; the output is never an input and is replaced only when asked."""
+    import json
+    from prepare import pairs
+    model, tok = policy()
+    reward = rl.load_reward("myreward:short")
+    questions = rl.read_questions("data/arith/rl_train.jsonl", "prompts")[:16]
+    records, counts = pairs.mine_pairs(model.eval(), tok, questions, reward, samples=3, temperature=1.0,
+                                       per_question=2, max_new_tokens=48, seed=0)
+    assert counts["pairs"] == len(records) > 0 and counts["greedy_wrong"] <= counts["any_wrong"] <= 16
+    by_prompt = {}
+    for r in records:
+        q = next(q for q in questions if q["prompt"] == r["messages"][0]["content"])
+        assert r["chosen"]["content"] == q["reference"] and reward("", r["rejected"]["content"], "") == 0.0
+        by_prompt.setdefault(q["prompt"], []).append(r["rejected"]["content"])
+    assert all(len(v) == len(set(v)) <= 2 for v in by_prompt.values())
+    # the greedy reply, when wrong, is the first pair of its question
+    greedy = rl.sample_replies(model, tok, [rl.user_ids(tok, q["prompt"]) for q in questions], 1, 0.0, 0, 48)
+    for q, g in zip(questions, greedy):
+        text = rl.turn_text(tok, g)
+        if reward("", text, "") == 0.0:
+            assert by_prompt[q["prompt"]][0] == text
+    args = ["--out_dir=weight/arith", "--prompts=data/arith/rl_train.jsonl", "--output=data/pairs.jsonl",
+            "--reward=myreward:short", "--samples=2"]
+    run_script("prepare/pairs.py", *args)
+    mined = [json.loads(line) for line in open("data/pairs.jsonl", encoding="utf-8")]
+    assert mined and all(set(r) == {"messages", "chosen", "rejected", "prompt", "reference", "group"} for r in mined)
+    again = run_script("prepare/pairs.py", *args, check=False)
+    assert again.returncode != 0 and "--overwrite" in again.stderr and "Traceback" not in again.stderr
+    same = run_script("prepare/pairs.py", *args[:2], "--output=data/arith/rl_train.jsonl", "--overwrite", check=False)
+    assert same.returncode != 0 and "input" in same.stderr
+    run_script("prepare/dpo.py", "--input=data/pairs.jsonl", "--name=arith_dpo", "--base=data/arith_base",
+               "--max_length=128", "--val_fraction=0.2")
+    assert load_meta("data/arith_dpo")["task"] == "dpo"
+    run_script("dpo.py", os.path.join(ROOT, "config", "dpo_arith.py"), "--out_dir=weight/arith_dpo", "--lora_rank=4",
+               "--max_iters=2", "--eval_interval=2", "--eval_iters=1", "--batch_size=2")
+    assert any("val_rewards/accuracies" in r for r in read_log("weight/arith_dpo"))
