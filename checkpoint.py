@@ -96,10 +96,15 @@ def written_at(path: str) -> float:
     return os.path.getmtime(os.path.join(path, RUN_STATE) if os.path.isdir(path) else path)
 
 
+def is_run_folder(path: str) -> bool:
+    """A run folder (weight/<run>), not a sharded checkpoint (a .dcp folder)."""
+    return os.path.isdir(path) and not path.rstrip("/").endswith(SHARDED)
+
+
 def weights_path(path: str) -> str:
     """What to read weights from: a run folder's best checkpoint if it has one, else its ckpt
     (.pt or sharded .dcp/); a file path (or a .dcp folder) is itself."""
-    if os.path.isdir(path) and not path.rstrip("/").endswith(SHARDED):
+    if is_run_folder(path):
         return checkpoint_path(path, "best") or checkpoint_path(path, "ckpt") or os.path.join(path, "ckpt.pt")
     return path
 
@@ -109,7 +114,7 @@ def load_checkpoint(path: str) -> dict:
     this process), every failure turned into a message a user can act on. Always the CPU: the
     caller moves weights to its device, and the RNG and optimizer tensors must not land on a GPU
     (set_rng_state takes CPU tensors only)."""
-    if os.path.isdir(path) and not path.rstrip("/").endswith(SHARDED):
+    if is_run_folder(path):
         path = checkpoint_path(path, "ckpt") or os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
         raise CheckpointError(f"no checkpoint at {path}; train one first (python train.py config/...)")

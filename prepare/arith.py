@@ -7,8 +7,8 @@ asked the many ways people ask it, in English and Chinese.
     python eval.py --out_dir=weight/arith --generate --prompts=data/arith/val_wordings.jsonl
 
 Questions are sums and differences of numbers below 1000 and products of a number below 100
-with one digit; a product's answer shows its work (87 × 7 = 560 + 49 = 609), and so does a
-difference (503 - 287 = 223 - 7 = 216). They come from a
+with one digit; a product's answer shows its work (87 × 7 = 560 + 49 = 609), and so do a
+difference (503 - 287 = 223 - 7 = 216) and a sum (441 + 151 = 591 + 1 = 592). They come from a
 grammar, not a list: a courtesy (or none), then a frame (the sentence around the operation:
 "what is E?", "E = ?", "E, please.", "Can you E?") around an expression of the operation (the
 verb first or last, both operand orders where the operation allows, symbols or one of several
@@ -22,6 +22,9 @@ built from words that training does use), so the figure measures reading, not re
   data/<name>/val_operands.jsonl the same questions as {"prompt", "reference", "group": en|zh}
   data/<name>/val_wordings.jsonl held-out wordings, new operands (eval.py --prompts=...)
   data/<name>/rl_train.jsonl     trained wordings, other new operands: questions for rl.py
+  data/<name>/test_operands.jsonl, test_wordings.jsonl
+                                 the two val kinds again, 1,000 each (--n_test), operands of no
+                                 other split: figures to 0.1%, where 200 questions move by 0.5%
 No operand pair (either order) of a val question is in train or rl_train. data/<name>_base holds
 the problems as plain text, one per line: the char vocabulary the chats are written in.
 """
@@ -168,6 +171,10 @@ ANSWER_OPS = {"en": {"+": "+", "-": "-", "*": "×"}, "zh": {"+": "加", "-": "�
 # (Writing the first step out, 503 - 287 = 503 - 280 - 7 = 223 - 7 = 216, did not do better:
 # docs/lab-notes.md, the grammar version.)
 WORKED_SUB = {"en": "{a} - {b} = {t} - {u} = {c}.", "zh": "{a}减{b}等于{t}减{u}，等于{c}。"}
+# A sum the same way: 441 + 151 = 591 + 1 = 592. Answered at once, a sum's hundreds digit needs
+# the carry of both lower columns; most misses of the model that answered sums at once were
+# a hundreds digit one too high (441 + 151 = 692), on 1,000 test questions (docs/lab-notes.md).
+WORKED_ADD = {"en": "{a} + {b} = {t} + {u} = {c}.", "zh": "{a}加{b}等于{t}加{u}，等于{c}。"}
 
 
 def frames_for(lang: str, expression: str) -> list[str]:
@@ -191,6 +198,8 @@ def answer(lang: str, op: str, a: int, b: int) -> str:
         return WORKED[lang].format(a=a, b=b, t=a // 10 * 10 * b, u=a % 10 * b, c=c)
     if op == "-" and b >= 10 and b % 10:
         return WORKED_SUB[lang].format(a=a, b=b, t=a - b // 10 * 10, u=b % 10, c=c)
+    if op == "+" and b >= 10 and b % 10:
+        return WORKED_ADD[lang].format(a=a, b=b, t=a + b // 10 * 10, u=b % 10, c=c)
     return ANSWERS[lang].format(a=a, b=b, c=c, op=ANSWER_OPS[lang][op])
 
 
@@ -223,7 +232,7 @@ def conversation(rng: random.Random, op: str, a: int, b: int, held_out: bool = F
         ans = answer(lang, op, s, t)
         if len(q) + len(ans) + 4 <= MAX_CHARS:  # + <|user|> <|end|> <|assistant|> <|end|>
             return {"conversations": [{"role": "user", "content": q}, {"role": "assistant", "content": ans}],
-                    "group": lang, "wording": (e, f)}
+                    "group": lang, "wording": (e, f), "problem": (op, a, b)}
 
 
 def problem(rng: random.Random) -> tuple[str, int, int]:
@@ -239,24 +248,32 @@ def key(op: str, a: int, b: int) -> tuple:
     return (op, a, b) if op == "-" else (op, min(a, b), max(a, b))
 
 
-def make_splits(n_train: int, n_val: int, seed: int, n_rl: int = 0) -> dict[str, list[dict]]:
-    """{"train", "val" (trained wordings), "val_wordings" (held-out wordings), "rl_train"}: the
-    val problems are drawn first and their operands kept out of train and rl_train."""
+def make_splits(n_train: int, n_val: int, seed: int, n_rl: int = 0, n_test: int = 0) -> dict[str, list[dict]]:
+    """{"train", "val" (trained wordings), "val_wordings" (held-out wordings), "rl_train",
+    "test", "test_wordings"}: the val problems are drawn first and their operands kept out of
+    train and rl_train; the test problems last, from a generator of their own (so n_test changes
+    no other split), with operands of no other split."""
     rng = random.Random(seed)
     held, splits = set(), {}
-    for name, unseen in (("val", False), ("val_wordings", True)):
-        splits[name] = []
-        while len(splits[name]) < n_val:
-            op, a, b = problem(rng)
-            if key(op, a, b) not in held:
-                held.add(key(op, a, b))
-                splits[name].append(conversation(rng, op, a, b, unseen))
+
+    def held_out(names, unseen, n, rng):
+        for name in names:
+            splits[name] = []
+            while len(splits[name]) < n:
+                op, a, b = problem(rng)
+                if key(op, a, b) not in held:
+                    held.add(key(op, a, b))
+                    splits[name].append(conversation(rng, op, a, b, unseen[name]))
+
+    held_out(("val", "val_wordings"), {"val": False, "val_wordings": True}, n_val, rng)
     for name, n in (("train", n_train), ("rl_train", n_rl)):
         splits[name] = []
         while len(splits[name]) < n:
             op, a, b = problem(rng)
             if key(op, a, b) not in held:
                 splits[name].append(conversation(rng, op, a, b))
+    held.update(key(*r["problem"]) for name in ("train", "rl_train") for r in splits[name])
+    held_out(("test", "test_wordings"), {"test": False, "test_wordings": True}, n_test, random.Random(seed + 1))
     return splits
 
 
@@ -283,11 +300,13 @@ def main(argv=None) -> dict:
     p.add_argument("--n_train", type=int, default=60000)
     p.add_argument("--n_val", type=int, default=200, help="questions in each val split")
     p.add_argument("--n_rl", type=int, default=5000, help="questions for rl.py (data/<name>/rl_train.jsonl)")
+    p.add_argument("--n_test", type=int, default=1000,
+                   help="questions in each test file: test_operands.jsonl, test_wordings.jsonl")
     p.add_argument("--seed", type=int, default=1337)
     args = p.parse_args(argv)
-    if args.n_train < 1 or args.n_val < 1 or args.n_rl < 0:
-        p.error("--n_train and --n_val must be at least 1, --n_rl at least 0")
-    splits = make_splits(args.n_train, args.n_val, args.seed, args.n_rl)
+    if args.n_train < 1 or args.n_val < 1 or args.n_rl < 0 or args.n_test < 0:
+        p.error("--n_train and --n_val must be at least 1, --n_rl and --n_test at least 0")
+    splits = make_splits(args.n_train, args.n_val, args.seed, args.n_rl, args.n_test)
     base = f"{args.name}_base"
     with tempfile.TemporaryDirectory() as tmp:
         files = {}
@@ -306,11 +325,13 @@ def main(argv=None) -> dict:
         summary = build_sft_dataset([files["train"]], os.path.join("data", base), os.path.join("data", args.name),
                                     max_length=MAX_CHARS + 8, val_inputs=[files["val"]], seed=args.seed)
     out = os.path.join("data", args.name)
-    for split, file in (("val", "val_operands"), ("val_wordings", "val_wordings"), ("rl_train", "rl_train")):
+    for split, file in (("val", "val_operands"), ("val_wordings", "val_wordings"), ("rl_train", "rl_train"),
+                        ("test", "test_operands"), ("test_wordings", "test_wordings")):
         write_jsonl(os.path.join(out, f"{file}.jsonl"), prompt_records(splits[split]))
     print(f"data/{base}: plain problems; data/{args.name}: {len(splits['train'])} train chats, {args.n_val} val "
           f"(trained wordings, also val_operands.jsonl), {args.n_val} in held-out wordings (val_wordings.jsonl), "
-          f"{args.n_rl} rl.py questions (rl_train.jsonl)")
+          f"{args.n_rl} rl.py questions (rl_train.jsonl), 2 x {args.n_test} test questions (test_operands.jsonl, "
+          "test_wordings.jsonl)")
     return summary
 
 

@@ -33,8 +33,11 @@ def test_numbers_in_words():
 
 
 def test_answers_are_right_and_val_operands_are_held_out():
-    splits = arith.make_splits(3000, 100, seed=5, n_rl=200)
-    assert splits == arith.make_splits(3000, 100, seed=5, n_rl=200)  # seeded
+    splits = arith.make_splits(3000, 100, seed=5, n_rl=200, n_test=100)
+    assert splits == arith.make_splits(3000, 100, seed=5, n_rl=200, n_test=100)  # seeded
+    # the test files are drawn last from a generator of their own: their size changes no other split
+    assert {k: v for k, v in arith.make_splits(3000, 100, seed=5, n_rl=200, n_test=7).items()
+            if not k.startswith("test")} == {k: v for k, v in splits.items() if not k.startswith("test")}
 
     def keys(records):
         out = set()
@@ -43,14 +46,19 @@ def test_answers_are_right_and_val_operands_are_held_out():
             assert {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1]}[op] == nums[-1]
             if len(nums) == 5 and op == "*":  # a product's work: tens times the digit, plus ones times the digit
                 assert nums[2:4] == [nums[0] // 10 * 10 * nums[1], nums[0] % 10 * nums[1]]
-            elif len(nums) == 5:  # a difference's work: the tens (and hundreds) first, then the ones
-                assert op == "-" and nums[2:4] == [nums[0] - nums[1] // 10 * 10, nums[1] % 10] and nums[3]
+            elif len(nums) == 5 and op == "-":  # a difference's work: the tens (and hundreds) first, then the ones
+                assert nums[2:4] == [nums[0] - nums[1] // 10 * 10, nums[1] % 10] and nums[3]
+            elif len(nums) == 5:  # a sum's work, the same way
+                assert op == "+" and nums[2:4] == [nums[0] + nums[1] // 10 * 10, nums[1] % 10] and nums[3]
             else:
                 assert len(nums) == 3
             out.add(arith.key(op, nums[0], nums[1]))
         return out
     val = keys(splits["val"]) | keys(splits["val_wordings"])
-    assert not (keys(splits["train"]) | keys(splits["rl_train"])) & val
+    trained = keys(splits["train"]) | keys(splits["rl_train"])
+    assert not trained & val
+    test = keys(splits["test"]) | keys(splits["test_wordings"])
+    assert len(test) == 200 and not test & (trained | val)  # no test operands anywhere else, nor twice
     for split in splits.values():
         assert {r["group"] for r in split} == {"en", "zh"}
         assert all(len(r["conversations"][0]["content"]) + len(r["conversations"][1]["content"]) + 4 <= 128
@@ -98,14 +106,15 @@ def test_the_grammar_asks_in_many_ways():
 
 def test_prepare_writes_base_text_chats_and_val_files(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    arith.main(["--n_train=400", "--n_val=20", "--n_rl=30"])
+    arith.main(["--n_train=400", "--n_val=20", "--n_rl=30", "--n_test=10"])
     assert load_meta("data/arith_base")["kind"] == "char"
     meta = load_meta("data/arith")
     assert meta["task"] == "sft" and "<|assistant|>" in meta["special_tokens"]
     assert len(np.fromfile(os.path.join("data", "arith", "val.idx"), dtype=np.uint64)) == 20
     assert meta["source"]["splits"]["train"]["examples"] == 400
     tok = CharTokenizer(meta["chars"])
-    for name, n in (("val_operands", 20), ("val_wordings", 20), ("rl_train", 30)):
+    for name, n in (("val_operands", 20), ("val_wordings", 20), ("rl_train", 30), ("test_operands", 10),
+                    ("test_wordings", 10)):
         lines = [json.loads(x) for x in open(f"data/arith/{name}.jsonl", encoding="utf-8")]
         assert len(lines) == n and {"prompt", "reference", "group"} <= set(lines[0])
         assert all(not tok.unknown_chars(r["prompt"] + r["reference"]) for r in lines)  # nothing dropped
