@@ -10,12 +10,14 @@ import collections
 import contextlib
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from checkpoint import load_model
+from data import DataError
 from model import GPT, KVCache
 from runtime import Runtime, setup_runtime
 from settings import ConfigError
@@ -504,6 +506,36 @@ def replies(model: GPT, tok: Tokenizer, prompts: list[list[int]], max_new_tokens
                               constraint=constraint))
     batch.run()
     return [turn_text(tok, r.ids[len(r.ids) - r.n:]) for r in rows]
+
+
+def seeded(*key: int) -> torch.Generator:
+    """A generator seeded by a tuple of ints (a run's seed, a question's draw, a reply...): the same
+    key draws the same replies in any process, whatever else was drawn before."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
+
+
+@torch.no_grad()
+def sample_groups(model: GPT, tok, prompts: list[list[int]], n: int, temperature: float, top_k: int,
+                   max_new_tokens: int, generators=None, autocast=None) -> list[list[int]]:
+    """n replies to each prompt (ids up to the assistant's start), all decoded as one batch;
+    replies of prompt i are items i*n .. i*n + n - 1, each ending with its end-of-turn when it
+    made one. generators[i*n + j] draws reply j of prompt i (temperature 0: greedy)."""
+    end = tok.token_id(END_OF_TURN)
+    block = model.config.block_size
+    was_training = model.training
+    model.eval()  # no dropout: the replies are the policy's
+    decoder = BatchDecoder(model, slots=len(prompts) * n, chunk=block, autocast=autocast)
+    rows = []
+    for i, ids in enumerate(prompts):
+        budget = min(max_new_tokens, block - len(ids))
+        if budget < 1:
+            raise DataError(f"a question of {len(ids)} tokens leaves no room for a reply in block_size {block}")
+        for j in range(n):
+            g = generators[i * n + j] if generators is not None else None
+            rows.append(decoder.add(ids, budget, temperature, top_k or None, generator=g, stop_tokens=(end,)))
+    decoder.run()
+    model.train(was_training)
+    return [row.ids[len(ids):] for row, ids in zip(rows, (p for p in prompts for _ in range(n)))]
 
 
 def turn_text(tok: Tokenizer, ids: list[int]) -> str:

@@ -27,10 +27,6 @@ and, per file of `val_prompts`, greedy exact match (pass@1, also per "group" of 
 en, zh) and pass@k (any of k sampled replies right); the rollouts since the last evaluation:
 mean reward, pass@1 (share of sampled replies right), pass@k, reply length, KL. One process.
 """
-import importlib
-import json
-import os
-import re
 import sys
 from dataclasses import dataclass
 
@@ -41,14 +37,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import base_model
-from data import DataError, dataset_dir, read_utf8
-from engine import BatchDecoder, turn_text
+from data import DataError, dataset_dir
+from engine import sample_groups, seeded, turn_text, user_prompt
 from lora import adapters_off
 from model import GPT
+from rewards import load_reward, read_questions
 from runtime import print0, setup_runtime
 from settings import ConfigError, cli, load_config, setting
 from sft import SFTConfig, fine_tune_setup, start_model
-from tokenizer import END_OF_TURN, from_meta, load_meta, render_conversation
+from tokenizer import from_meta, load_meta
 from train import done_line, make_loaders, train
 
 
@@ -74,88 +71,7 @@ class RLConfig(SFTConfig):
     dropout: float = 0.0
 
 
-# ----------------------------------------------------------------------------- rewards
-
-def last_number(text: str) -> str | None:
-    found = re.findall(r"-?\d+", text)
-    return found[-1] if found else None
-
-
-BUILTIN_REWARDS = {
-    "exact": lambda prompt, reply, reference: float(reply.strip() == reference.strip()),
-    "number": lambda prompt, reply, reference: float(last_number(reply) is not None
-                                                     and last_number(reply) == last_number(reference)),
-}
-
-
-def load_reward(name: str):
-    """The reward callable `reward` names: a builtin, or module:function importable from here."""
-    if name in BUILTIN_REWARDS:
-        return BUILTIN_REWARDS[name]
-    module, _, function = name.partition(":")
-    if os.getcwd() not in sys.path:  # a reward module in the folder the command runs in
-        sys.path.append(os.getcwd())
-    if not module or not function:
-        raise ConfigError(f"reward = {name!r} is neither {' nor '.join(BUILTIN_REWARDS)} nor module:function "
-                          "(a Python callable (prompt, reply, reference) -> float)", "reward")
-    try:
-        fn = getattr(importlib.import_module(module), function)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"reward = {name!r} cannot be loaded ({type(e).__name__}: {e}); give module:function "
-                          "in the current folder or on PYTHONPATH", "reward") from None
-    if not callable(fn):
-        raise ConfigError(f"reward = {name!r} is not callable; name a function (prompt, reply, reference) -> float",
-                          "reward")
-    return fn
-
-
-def read_questions(path: str, key: str) -> list[dict]:
-    """The {"prompt", "reference"[, "group"]} lines of a JSONL file; a bad line names file:line."""
-    questions = []
-    for n, line in enumerate(read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-            questions.append({"prompt": str(r["prompt"]), "reference": str(r["reference"]),
-                              "group": str(r.get("group", ""))})
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(f"{path}:{n} (from {key}): expected a JSON object with \"prompt\" and \"reference\"",
-                              key) from None
-    if not questions:
-        raise ConfigError(f"{path} (from {key}) holds no questions", key)
-    return questions
-
-
-# ----------------------------------------------------------------------------- sampling
-
-def seeded(*key: int) -> torch.Generator:
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1))
-
-
-@torch.no_grad()
-def sample_replies(model: GPT, tok, prompts: list[list[int]], n: int, temperature: float, top_k: int,
-                   max_new_tokens: int, generators=None, autocast=None) -> list[list[int]]:
-    """n replies to each prompt (ids up to the assistant's start), all decoded as one batch;
-    replies of prompt i are items i*n .. i*n + n - 1, each ending with its end-of-turn when it
-    made one. generators[i*n + j] draws reply j of prompt i (temperature 0: greedy)."""
-    end = tok.token_id(END_OF_TURN)
-    block = model.config.block_size
-    was_training = model.training
-    model.eval()  # no dropout: the replies are the policy's
-    decoder = BatchDecoder(model, slots=len(prompts) * n, chunk=block, autocast=autocast)
-    rows = []
-    for i, ids in enumerate(prompts):
-        budget = min(max_new_tokens, block - len(ids))
-        if budget < 1:
-            raise DataError(f"a question of {len(ids)} tokens leaves no room for a reply in block_size {block}")
-        for j in range(n):
-            g = generators[i * n + j] if generators is not None else None
-            rows.append(decoder.add(ids, budget, temperature, top_k or None, generator=g, stop_tokens=(end,)))
-    decoder.run()
-    model.train(was_training)
-    return [row.ids[len(ids):] for row, ids in zip(rows, (p for p in prompts for _ in range(n)))]
-
+# ----------------------------------------------------------------------------- rollouts
 
 class Rollouts:
     """The train "loader" of RL: get_batch() samples group_size replies to each of the next
@@ -166,7 +82,7 @@ class Rollouts:
 
     def __init__(self, questions: list[dict], tok, cfg: RLConfig, reward_fn, accum: int):
         self.questions, self.tok, self.cfg, self.reward_fn, self.accum = questions, tok, cfg, reward_fn, accum
-        self.prompts = [user_ids(tok, q["prompt"]) for q in questions]
+        self.prompts = [user_prompt(tok, q["prompt"]) for q in questions]
         self.model, self.autocast = None, None  # set once built: the policy the replies are sampled from
         self.epoch, self.pos = 0, 0
         self.order = self._order()
@@ -205,7 +121,7 @@ class Rollouts:
         picked = self.next_questions()
         prompts = [self.prompts[i] for i, _ in picked]
         generators = [seeded(cfg.seed, 0, d, j) for _, d in picked for j in range(n)]
-        replies = sample_replies(self.model, self.tok, prompts, n, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
+        replies = sample_groups(self.model, self.tok, prompts, n, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
                                  generators, self.autocast)
         rows = []
         for k, (i, _) in enumerate(picked):
@@ -218,10 +134,6 @@ class Rollouts:
                 continue  # no reply better than another: no signal
             rows += [(prompts[k], r, a) for r, a in zip(group, rewards - rewards.mean())]
         return collate(rows, device)
-
-
-def user_ids(tok, text: str) -> list[int]:
-    return render_conversation(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0]
 
 
 def collate(rows: list[tuple[list[int], list[int], float]], device) -> tuple[Tensor, Tensor, Tensor]:
@@ -299,14 +211,14 @@ def pass_rates(model: GPT, tok, questions: list[dict], reward_fn, cfg: RLConfig,
     """Greedy pass@1 (the reward's share of right replies: with "exact", eval.py's exact match;
     overall and per group) and pass@k (any of k sampled replies right, drawn the same way at every
     evaluation) of the questions, in percent; the greedy replies' mean length in tokens."""
-    prompts = [user_ids(tok, q["prompt"]) for q in questions]
+    prompts = [user_prompt(tok, q["prompt"]) for q in questions]
     right = lambda q, r: float(reward_fn(q["prompt"], turn_text(tok, r), q["reference"])) >= 1.0  # noqa: E731
-    greedy = sample_replies(model, tok, prompts, 1, 0.0, 0, cfg.max_new_tokens, autocast=autocast)
+    greedy = sample_groups(model, tok, prompts, 1, 0.0, 0, cfg.max_new_tokens, autocast=autocast)
     ok = np.array([right(q, r) for q, r in zip(questions, greedy)])
     out = {"pass@1": 100 * ok.mean(), "reply_tokens": float(np.mean([len(r) for r in greedy]))}
     n = cfg.pass_k
     if n:
-        sampled = sample_replies(model, tok, prompts, n, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
+        sampled = sample_groups(model, tok, prompts, n, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
                                  [seeded(cfg.seed, 1, i, j) for i in range(len(prompts)) for j in range(n)], autocast)
         any_ok = [any(right(q, r) for r in sampled[i * n:(i + 1) * n]) for i, q in enumerate(questions)]
         out[f"pass@{n}"] = 100 * float(np.mean(any_ok))

@@ -9,7 +9,7 @@ and the reward scored wrong. prepare/dpo.py turns them into a DPO dataset.
     python prepare/dpo.py --input data/arith/pairs.jsonl --name arith_dpo --base data/arith_base \
         --max_length 128 --val_fraction 0.1
 
-The questions are rl.py's ({"prompt", "reference"} lines) and so is the check (`--reward`:
+The questions are rl.py's (rewards.py) ({"prompt", "reference"} lines) and so is the check (`--reward`:
 exact | number | module:function). For each question the model's greedy reply and `--samples`
 sampled ones (seeded by (seed, question, sample), all decoded as one batch) are scored; the
 greedy reply comes first among the wrong ones, then the sampled ones in order, each distinct
@@ -31,9 +31,9 @@ import time
 if __name__ == "__main__":  # run as a script: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine import load_for_inference, turn_text, user_prompt  # noqa: E402
+from engine import load_for_inference, sample_groups, seeded, turn_text, user_prompt  # noqa: E402
 from files import atomic_write, claim_file  # noqa: E402
-from rl import load_reward, read_questions, sample_replies, seeded  # noqa: E402
+from rewards import load_reward, read_questions  # noqa: E402
 from settings import ConfigError, cli  # noqa: E402
 
 
@@ -45,9 +45,9 @@ def mine_pairs(model, tok, questions: list[dict], reward_fn, samples: int, tempe
     greedy, sampled = [], []
     for s in range(0, len(prompts), chunk):  # a batch of chunk x (1 + samples) rows at a time
         part = prompts[s:s + chunk]
-        greedy += sample_replies(model, tok, part, 1, 0.0, 0, max_new_tokens, autocast=autocast)
+        greedy += sample_groups(model, tok, part, 1, 0.0, 0, max_new_tokens, autocast=autocast)
         if samples:
-            sampled += sample_replies(model, tok, part, samples, temperature, 0, max_new_tokens,
+            sampled += sample_groups(model, tok, part, samples, temperature, 0, max_new_tokens,
                                       [seeded(seed, s + i, j) for i in range(len(part)) for j in range(samples)],
                                       autocast)
     records, counts = [], {"questions": len(questions), "greedy_wrong": 0, "any_wrong": 0, "pairs": 0}

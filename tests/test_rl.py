@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import engine
+import rewards
 import rl
 import train
 from checkpoint import load_checkpoint
@@ -65,12 +67,12 @@ def test_rollouts_are_seeded_and_groups_without_signal_are_left_out(work):
     model, tok = policy()
     cfg = rl.RLConfig(base="weight/arith", dataset="arith", prompts="data/arith/rl_train.jsonl", batch_size=4,
                       group_size=4, max_new_tokens=48)
-    questions = rl.read_questions(cfg.prompts, "prompts")
-    rewards = []
+    questions = rewards.read_questions(cfg.prompts, "prompts")
+    given = []
 
     def reward(prompt, reply, reference):
-        rewards.append(rl.BUILTIN_REWARDS["exact"](prompt, reply, reference) + len(reply) % 3)
-        return rewards[-1]
+        given.append(rewards.BUILTIN_REWARDS["exact"](prompt, reply, reference) + len(reply) % 3)
+        return given[-1]
     batches = []
     for _ in range(2):
         loader = rl.Rollouts(questions, tok, cfg, reward, accum=1)
@@ -79,7 +81,7 @@ def test_rollouts_are_seeded_and_groups_without_signal_are_left_out(work):
     assert all(torch.equal(a, b) for a, b in zip(*batches))  # same seed, same question draw: same replies
     x, y, w = batches[0]
     end = tok.token_id(END_OF_TURN)
-    group_rewards = np.array(rewards[:16]).reshape(4, 4)
+    group_rewards = np.array(given[:16]).reshape(4, 4)
     kept = [g for g in group_rewards if np.ptp(g) > 0]
     assert x.size(0) == 4 * len(kept) and loader.stats[0] == 16  # every reply counts in the stats
     row_adv = torch.tensor([float(r[y[i] != -1][0]) for i, r in enumerate(w)])
@@ -163,18 +165,18 @@ def test_a_short_run_raises_the_reward(work):
 
 
 def test_reward_errors_name_the_key(work):
-    assert rl.load_reward("exact")("q", " 1 + 2 = 3. ", "1 + 2 = 3.") == 1.0
-    assert rl.load_reward("number")("q", "so it is 42", "6 × 7 = 42.") == 1.0
-    assert rl.load_reward("myreward:short")("q", "short", "") == 1.0  # a module in the current folder
+    assert rewards.load_reward("exact")("q", " 1 + 2 = 3. ", "1 + 2 = 3.") == 1.0
+    assert rewards.load_reward("number")("q", "so it is 42", "6 × 7 = 42.") == 1.0
+    assert rewards.load_reward("myreward:short")("q", "short", "") == 1.0  # a module in the current folder
     for bad, says in (("nosuchmodule:f", "cannot be loaded"), ("myreward:nothere", "cannot be loaded"),
                       ("exactly", "neither"), ("os:sep", "not callable")):
         with pytest.raises(ConfigError, match=says) as e:
-            rl.load_reward(bad)
+            rewards.load_reward(bad)
         assert "reward" in str(e.value) and "\n" not in str(e.value)
     with open("bad.jsonl", "w") as f:
         f.write('{"prompt": "hi"}\n')
     with pytest.raises(ConfigError, match="bad.jsonl:1"):
-        rl.read_questions("bad.jsonl", "prompts")
+        rewards.read_questions("bad.jsonl", "prompts")
     r = run_script("rl.py", *ARGS, "--out_dir=weight/x", "--reward=nosuchmodule:f", check=False)
     assert r.returncode != 0 and "reward" in r.stderr and "Traceback" not in r.stderr
     assert load_meta("data/arith")["task"] == "sft"
@@ -187,8 +189,8 @@ def test_pairs_are_the_models_own_wrong_replies_against_the_reference(work):
     import json
     from prepare import pairs
     model, tok = policy()
-    reward = rl.load_reward("myreward:short")
-    questions = rl.read_questions("data/arith/rl_train.jsonl", "prompts")[:16]
+    reward = rewards.load_reward("myreward:short")
+    questions = rewards.read_questions("data/arith/rl_train.jsonl", "prompts")[:16]
     records, counts = pairs.mine_pairs(model.eval(), tok, questions, reward, samples=3, temperature=1.0,
                                        per_question=2, max_new_tokens=48, seed=0)
     assert counts["pairs"] == len(records) > 0 and counts["greedy_wrong"] <= counts["any_wrong"] <= 16
@@ -199,9 +201,9 @@ def test_pairs_are_the_models_own_wrong_replies_against_the_reference(work):
         by_prompt.setdefault(q["prompt"], []).append(r["rejected"]["content"])
     assert all(len(v) == len(set(v)) <= 2 for v in by_prompt.values())
     # the greedy reply, when wrong, is the first pair of its question
-    greedy = rl.sample_replies(model, tok, [rl.user_ids(tok, q["prompt"]) for q in questions], 1, 0.0, 0, 48)
+    greedy = engine.sample_groups(model, tok, [engine.user_prompt(tok, q["prompt"]) for q in questions], 1, 0.0, 0, 48)
     for q, g in zip(questions, greedy):
-        text = rl.turn_text(tok, g)
+        text = engine.turn_text(tok, g)
         if reward("", text, "") == 0.0:
             assert by_prompt[q["prompt"]][0] == text
     args = ["--out_dir=weight/arith", "--prompts=data/arith/rl_train.jsonl", "--output=data/pairs.jsonl",
