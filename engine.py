@@ -516,7 +516,7 @@ def seeded(*key: int) -> torch.Generator:
 
 @torch.no_grad()
 def sample_groups(model: GPT, tok, prompts: list[list[int]], n: int, temperature: float, top_k: int,
-                   max_new_tokens: int, generators=None, autocast=None) -> list[list[int]]:
+                  max_new_tokens: int, generators=None, autocast=None) -> list[list[int]]:
     """n replies to each prompt (ids up to the assistant's start), all decoded as one batch;
     replies of prompt i are items i*n .. i*n + n - 1, each ending with its end-of-turn when it
     made one. generators[i*n + j] draws reply j of prompt i (temperature 0: greedy)."""

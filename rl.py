@@ -122,7 +122,7 @@ class Rollouts:
         prompts = [self.prompts[i] for i, _ in picked]
         generators = [seeded(cfg.seed, 0, d, j) for _, d in picked for j in range(n)]
         replies = sample_groups(self.model, self.tok, prompts, n, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
-                                 generators, self.autocast)
+                                generators, self.autocast)
         rows = []
         for k, (i, _) in enumerate(picked):
             q, group = self.questions[i], replies[k * n:(k + 1) * n]
@@ -219,7 +219,7 @@ def pass_rates(model: GPT, tok, questions: list[dict], reward_fn, cfg: RLConfig,
     n = cfg.pass_k
     if n:
         sampled = sample_groups(model, tok, prompts, n, cfg.temperature, cfg.top_k, cfg.max_new_tokens,
-                                 [seeded(cfg.seed, 1, i, j) for i in range(len(prompts)) for j in range(n)], autocast)
+                                [seeded(cfg.seed, 1, i, j) for i in range(len(prompts)) for j in range(n)], autocast)
         any_ok = [any(right(q, r) for r in sampled[i * n:(i + 1) * n]) for i, q in enumerate(questions)]
         out[f"pass@{n}"] = 100 * float(np.mean(any_ok))
     for group in sorted({q["group"] for q in questions} - {""}):

@@ -9,18 +9,19 @@ and the reward scored wrong. prepare/dpo.py turns them into a DPO dataset.
     python prepare/dpo.py --input data/arith/pairs.jsonl --name arith_dpo --base data/arith_base \
         --max_length 128 --val_fraction 0.1
 
-The questions are rl.py's (rewards.py) ({"prompt", "reference"} lines) and so is the check (`--reward`:
-exact | number | module:function). For each question the model's greedy reply and `--samples`
-sampled ones (seeded by (seed, question, sample), all decoded as one batch) are scored; the
-greedy reply comes first among the wrong ones, then the sampled ones in order, each distinct
-reply once, `--per_question` at most. A question the model always answers right gives no
-pair: the pairs are exactly where it errs. Each record is
+The questions and the check are rl.py's (rewards.py): {"prompt", "reference"} lines, and
+`--reward` exact | number | module:function. For each question the model's greedy reply and
+`--samples` sampled ones (seeded by (seed, question, sample), decoded 64 questions at a time as
+one batch) are scored; the greedy reply comes first among the wrong ones, then the sampled ones
+in order, each distinct reply once and never the reference itself, `--per_question` at most. A
+question the model always answers right gives no pair: the pairs are exactly where it errs.
+Each record is
     {"messages": [{"role": "user", ...}], "chosen": {"role": "assistant", "content": reference},
      "rejected": {"role": "assistant", "content": wrong reply}, "prompt", "reference", "group"}
-(the format prepare/sft.py and prepare/dpo.py read; the question's own keys make it a question
-file for rl.py too: the questions this model gets wrong), written atomically (an existing --output
-only with --overwrite); a summary line says
-how many questions were answered wrong greedily and by any sample.
+(the format prepare/sft.py and prepare/dpo.py read; the question's own keys make the file a
+question file for rl.py too: the questions this model gets wrong), written atomically (an
+existing --output only with --overwrite). The summary line counts the questions answered wrong
+greedily and in any of the replies.
 """
 import argparse
 import json
@@ -48,15 +49,16 @@ def mine_pairs(model, tok, questions: list[dict], reward_fn, samples: int, tempe
         greedy += sample_groups(model, tok, part, 1, 0.0, 0, max_new_tokens, autocast=autocast)
         if samples:
             sampled += sample_groups(model, tok, part, samples, temperature, 0, max_new_tokens,
-                                      [seeded(seed, s + i, j) for i in range(len(part)) for j in range(samples)],
-                                      autocast)
+                                     [seeded(seed, s + i, j) for i in range(len(part)) for j in range(samples)],
+                                     autocast)
     records, counts = [], {"questions": len(questions), "greedy_wrong": 0, "any_wrong": 0, "pairs": 0}
     for i, q in enumerate(questions):
         replies = [turn_text(tok, r) for r in [greedy[i]] + sampled[i * samples:(i + 1) * samples]]
         wrong = [r for r in replies if float(reward_fn(q["prompt"], r, q["reference"])) < 1.0]
         counts["greedy_wrong"] += replies[0] in wrong
         counts["any_wrong"] += bool(wrong)
-        for reply in list(dict.fromkeys(wrong))[:per_question]:
+        distinct = [r for r in dict.fromkeys(wrong) if r.strip() != q["reference"].strip()]
+        for reply in distinct[:per_question]:
             records.append({"messages": [{"role": "user", "content": q["prompt"]}],
                             "chosen": {"role": "assistant", "content": q["reference"]},
                             "rejected": {"role": "assistant", "content": reply}, **q})
