@@ -164,17 +164,15 @@ ANSWERS = {"en": "{a} {op} {b} = {c}.", "zh": "{a}{op}{b}等于{c}。"}
 # the hundreds digit of 609 needs the whole product before its first character.
 WORKED = {"en": "{a} × {b} = {t} + {u} = {c}.", "zh": "{a}乘{b}等于{t}加{u}，等于{c}。"}
 ANSWER_OPS = {"en": {"+": "+", "-": "-", "*": "×"}, "zh": {"+": "加", "-": "减", "*": "乘"}}
-# A difference shows its work too, tens first: 503 - 287 = 223 - 7 = 216. The first step takes
-# the subtrahend's tens and hundreds (503 - 280: its hundreds digit borrows only on one digit
-# compare, 0 < 8), the second its ones; written at once, the hundreds digit of 216 needs the
-# borrows of both lower columns before its first character (most misses were such borrows).
+# A sum or a difference shows its work too, tens first: 503 - 287 = 223 - 7 = 216, 441 + 151 =
+# 591 + 1 = 592. The first step takes the second operand's tens and hundreds (503 - 280: its
+# hundreds digit borrows only on one digit compare, 0 < 8), the second its ones; written at
+# once, the hundreds digit of 216 needs the borrows (of 592, the carries) of both lower columns
+# before its first character. Most misses of the models that answered at once were such borrows,
+# and such carries: a hundreds digit one too high (441 + 151 = 692), on 1,000 test questions.
 # (Writing the first step out, 503 - 287 = 503 - 280 - 7 = 223 - 7 = 216, did not do better:
 # docs/lab-notes.md, the grammar version.)
-WORKED_SUB = {"en": "{a} - {b} = {t} - {u} = {c}.", "zh": "{a}减{b}等于{t}减{u}，等于{c}。"}
-# A sum the same way: 441 + 151 = 591 + 1 = 592. Answered at once, a sum's hundreds digit needs
-# the carry of both lower columns; most misses of the model that answered sums at once were
-# a hundreds digit one too high (441 + 151 = 692), on 1,000 test questions (docs/lab-notes.md).
-WORKED_ADD = {"en": "{a} + {b} = {t} + {u} = {c}.", "zh": "{a}加{b}等于{t}加{u}，等于{c}。"}
+WORKED_STEPS = {"en": "{a} {op} {b} = {t} {op} {u} = {c}.", "zh": "{a}{op}{b}等于{t}{op}{u}，等于{c}。"}
 
 
 def frames_for(lang: str, expression: str) -> list[str]:
@@ -196,10 +194,9 @@ def answer(lang: str, op: str, a: int, b: int) -> str:
     c = {"+": a + b, "-": a - b, "*": a * b}[op]
     if op == "*" and a >= 10 and b >= 2:
         return WORKED[lang].format(a=a, b=b, t=a // 10 * 10 * b, u=a % 10 * b, c=c)
-    if op == "-" and b >= 10 and b % 10:
-        return WORKED_SUB[lang].format(a=a, b=b, t=a - b // 10 * 10, u=b % 10, c=c)
-    if op == "+" and b >= 10 and b % 10:
-        return WORKED_ADD[lang].format(a=a, b=b, t=a + b // 10 * 10, u=b % 10, c=c)
+    if op in "+-" and b >= 10 and b % 10:
+        t = a + b // 10 * 10 if op == "+" else a - b // 10 * 10
+        return WORKED_STEPS[lang].format(a=a, b=b, t=t, u=b % 10, c=c, op=ANSWER_OPS[lang][op])
     return ANSWERS[lang].format(a=a, b=b, c=c, op=ANSWER_OPS[lang][op])
 
 
@@ -256,16 +253,16 @@ def make_splits(n_train: int, n_val: int, seed: int, n_rl: int = 0, n_test: int 
     rng = random.Random(seed)
     held, splits = set(), {}
 
-    def held_out(names, unseen, n, rng):
-        for name in names:
+    def held_out(kind, n, rng):  # the kind's two files: trained wordings, then held-out ones
+        for name, unseen in ((kind, False), (kind + "_wordings", True)):
             splits[name] = []
             while len(splits[name]) < n:
                 op, a, b = problem(rng)
                 if key(op, a, b) not in held:
                     held.add(key(op, a, b))
-                    splits[name].append(conversation(rng, op, a, b, unseen[name]))
+                    splits[name].append(conversation(rng, op, a, b, unseen))
 
-    held_out(("val", "val_wordings"), {"val": False, "val_wordings": True}, n_val, rng)
+    held_out("val", n_val, rng)
     for name, n in (("train", n_train), ("rl_train", n_rl)):
         splits[name] = []
         while len(splits[name]) < n:
@@ -273,7 +270,7 @@ def make_splits(n_train: int, n_val: int, seed: int, n_rl: int = 0, n_test: int 
             if key(op, a, b) not in held:
                 splits[name].append(conversation(rng, op, a, b))
     held.update(key(*r["problem"]) for name in ("train", "rl_train") for r in splits[name])
-    held_out(("test", "test_wordings"), {"test": False, "test_wordings": True}, n_test, random.Random(seed + 1))
+    held_out("test", n_test, random.Random(seed + 1))
     return splits
 
 
