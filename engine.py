@@ -493,19 +493,15 @@ def reply(model: GPT, tok: Tokenizer, ids: list[int], max_new_tokens: int, run: 
 def replies(model: GPT, tok: Tokenizer, prompts: list[list[int]], max_new_tokens: int, run: Runtime,
             utf8: bool = True, slots: int = 16) -> list[str]:
     """reply() for many prompts, decoded `slots` at a time as one batch (what eval.py scores)."""
-    end, block = tok.token_id(END_OF_TURN), model.config.block_size
+    block = model.config.block_size
+    # the prompt stays whole and the reply takes the rest of the window, up to max_new_tokens;
+    # only a prompt that would leave the reply less than half the window (or max_new_tokens, if
+    # smaller) loses its oldest tokens
+    cut = [ids[-(block - min(max_new_tokens, max(block - len(ids), block // 2))):] for ids in prompts]
     constraint = utf8_constraint(tok, model.config.vocab_size, run.device) if utf8 else None
-    batch = BatchDecoder(model, min(slots, max(1, len(prompts))), autocast=run.autocast)
-    rows = []
-    for ids in prompts:
-        # the prompt stays whole and the reply takes the rest of the window, up to
-        # max_new_tokens; only a prompt that would leave the reply less than half the window
-        # (or max_new_tokens, if smaller) loses its oldest tokens
-        budget = min(max_new_tokens, max(block - len(ids), block // 2))
-        rows.append(batch.add(ids[-(block - budget):], budget, temperature=0.0, stop_tokens=(end,),
-                              constraint=constraint))
-    batch.run()
-    return [turn_text(tok, r.ids[len(r.ids) - r.n:]) for r in rows]
+    out = sample_groups(model, tok, cut, 1, 0.0, 0, max_new_tokens, autocast=run.autocast, constraint=constraint,
+                        slots=slots)
+    return [turn_text(tok, ids) for ids in out]
 
 
 def seeded(*key: int) -> torch.Generator:
@@ -516,15 +512,18 @@ def seeded(*key: int) -> torch.Generator:
 
 @torch.no_grad()
 def sample_groups(model: GPT, tok, prompts: list[list[int]], n: int, temperature: float, top_k: int,
-                  max_new_tokens: int, generators=None, autocast=None) -> list[list[int]]:
-    """n replies to each prompt (ids up to the assistant's start), all decoded as one batch;
-    replies of prompt i are items i*n .. i*n + n - 1, each ending with its end-of-turn when it
-    made one. generators[i*n + j] draws reply j of prompt i (temperature 0: greedy)."""
+                  max_new_tokens: int, generators=None, autocast=None, constraint=None,
+                  slots: int = 0) -> list[list[int]]:
+    """n replies to each prompt (ids up to the assistant's start), decoded as one batch (at most
+    `slots` rows at a time; 0: all); replies of prompt i are items i*n .. i*n + n - 1, each ending
+    with its end-of-turn when it made one. generators[i*n + j] draws reply j of prompt i
+    (temperature 0: greedy); constraint: utf8_constraint's, or None."""
     end = tok.token_id(END_OF_TURN)
     block = model.config.block_size
     was_training = model.training
     model.eval()  # no dropout: the replies are the policy's
-    decoder = BatchDecoder(model, slots=len(prompts) * n, chunk=block, autocast=autocast)
+    decoder = BatchDecoder(model, slots=min(slots or len(prompts) * n, max(1, len(prompts) * n)), chunk=block,
+                           autocast=autocast)
     rows = []
     for i, ids in enumerate(prompts):
         budget = min(max_new_tokens, block - len(ids))
@@ -532,7 +531,8 @@ def sample_groups(model: GPT, tok, prompts: list[list[int]], n: int, temperature
             raise DataError(f"a question of {len(ids)} tokens leaves no room for a reply in block_size {block}")
         for j in range(n):
             g = generators[i * n + j] if generators is not None else None
-            rows.append(decoder.add(ids, budget, temperature, top_k or None, generator=g, stop_tokens=(end,)))
+            rows.append(decoder.add(ids, budget, temperature, top_k or None, generator=g, stop_tokens=(end,),
+                                    constraint=constraint))
     decoder.run()
     model.train(was_training)
     return [row.ids[len(ids):] for row, ids in zip(rows, (p for p in prompts for _ in range(n)))]
