@@ -2,7 +2,7 @@
 A chat skill a small model learns on a CPU in minutes and eval.py can check exactly: arithmetic
 asked the many ways people ask it, in English and Chinese.
 
-    python prepare/arith.py [--name arith] [--n_train 60000] [--n_val 200] [--seed 1337]
+    python prepare/arith.py [--name arith] [--n_train 120000] [--n_val 200] [--seed 1337]
     python train.py config/arith.py                        # a chat model from scratch
     python eval.py --out_dir=weight/arith --generate --prompts=data/arith/val_wordings.jsonl
 
@@ -25,6 +25,8 @@ built from words that training does use), so the figure measures reading, not re
   data/<name>/test_operands.jsonl, test_wordings.jsonl
                                  the two val kinds again, 1,000 each (--n_test), operands of no
                                  other split: figures to 0.1%, where 200 questions move by 0.5%
+Training's problems are drawn where models miss (TRAIN_OPS, training_problem); val, test and
+rl_train are uniform.
 No operand pair (either order) of a val question is in train or rl_train. data/<name>_base holds
 the problems as plain text, one per line: the char vocabulary the chats are written in.
 """
@@ -232,12 +234,33 @@ def conversation(rng: random.Random, op: str, a: int, b: int, held_out: bool = F
                     "group": lang, "wording": (e, f), "problem": (op, a, b)}
 
 
-def problem(rng: random.Random) -> tuple[str, int, int]:
-    op = rng.choice("+-*")
+def problem(rng: random.Random, ops: str = "+-*") -> tuple[str, int, int]:
+    op = rng.choice(ops)
     if op == "*":
         return op, rng.randrange(100), rng.randrange(10)
     a, b = rng.randrange(1000), rng.randrange(1000)
     return (op, max(a, b), min(a, b)) if op == "-" else (op, a, b)  # no negative answers
+
+
+# Training draws its problems where the models missed (1,000 test questions, uniform operands):
+# differences more often than sums and products (the products are 1,000 facts, all in
+# training), half of them of close operands (869 - 863 = 9 - 3 = 6: the first step's length
+# hangs on the tens digits, and it was most misses), and a third of the operands of + and - with
+# one or two digits (56 - 5: one question in a hundred has such operands when drawn uniformly,
+# and people ask them most). The val and test questions stay uniform.
+TRAIN_OPS = {"+": 0.3, "-": 0.45, "*": 0.25}
+
+
+def training_problem(rng: random.Random) -> tuple[str, int, int]:
+    op = rng.choices(list(TRAIN_OPS), weights=list(TRAIN_OPS.values()))[0]
+    if op == "*":
+        return op, rng.randrange(100), rng.randrange(10)
+    a, b = (rng.randrange(10 ** rng.choice([1, 2])) if rng.random() < 1 / 3 else rng.randrange(1000)
+            for _ in range(2))
+    if op == "-" and rng.random() < 0.5:
+        a = max(a, b)
+        b = max(0, a - rng.randrange(100))
+    return (op, max(a, b), min(a, b)) if op == "-" else (op, a, b)
 
 
 def key(op: str, a: int, b: int) -> tuple:
@@ -247,30 +270,30 @@ def key(op: str, a: int, b: int) -> tuple:
 
 def make_splits(n_train: int, n_val: int, seed: int, n_rl: int = 0, n_test: int = 0) -> dict[str, list[dict]]:
     """{"train", "val" (trained wordings), "val_wordings" (held-out wordings), "rl_train",
-    "test", "test_wordings"}: the val problems are drawn first and their operands kept out of
-    train and rl_train; the test problems last, from a generator of their own (so n_test changes
-    no other split), with operands of no other split."""
+    "test", "test_wordings"}: the test problems are drawn first, from a generator of their own
+    (so they depend on seed and n_test alone: models trained on other mixes meet the same test),
+    then the val problems; train and rl_train never use the operands of either."""
     rng = random.Random(seed)
     held, splits = set(), {}
 
-    def held_out(kind, n, rng):  # the kind's two files: trained wordings, then held-out ones
+    def held_out(kind, n, rng, ops):  # the kind's two files: trained wordings, then held-out ones
         for name, unseen in ((kind, False), (kind + "_wordings", True)):
             splits[name] = []
             while len(splits[name]) < n:
-                op, a, b = problem(rng)
+                op, a, b = problem(rng, ops)
                 if key(op, a, b) not in held:
                     held.add(key(op, a, b))
                     splits[name].append(conversation(rng, op, a, b, unseen))
 
-    held_out("val", n_val, rng)
-    for name, n in (("train", n_train), ("rl_train", n_rl)):
+    # no products in test: the range has 1,000 of them and training should know every one
+    held_out("test", n_test, random.Random(seed + 1), "+-")
+    held_out("val", n_val, rng, "+-*")
+    for name, n, draw in (("train", n_train, training_problem), ("rl_train", n_rl, problem)):
         splits[name] = []
         while len(splits[name]) < n:
-            op, a, b = problem(rng)
+            op, a, b = draw(rng)
             if key(op, a, b) not in held:
                 splits[name].append(conversation(rng, op, a, b))
-    held.update(key(*r["problem"]) for name in ("train", "rl_train") for r in splits[name])
-    held_out("test", n_test, random.Random(seed + 1))
     return splits
 
 
@@ -294,7 +317,7 @@ def write_jsonl(path: str, records: list[dict]) -> None:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     p.add_argument("--name", default="arith", help="writes data/<name> and data/<name>_base")
-    p.add_argument("--n_train", type=int, default=60000)
+    p.add_argument("--n_train", type=int, default=120000)
     p.add_argument("--n_val", type=int, default=200, help="questions in each val split")
     p.add_argument("--n_rl", type=int, default=5000, help="questions for rl.py (data/<name>/rl_train.jsonl)")
     p.add_argument("--n_test", type=int, default=1000,
