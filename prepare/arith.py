@@ -244,20 +244,22 @@ def problem(rng: random.Random, ops: str = "+-*") -> tuple[str, int, int]:
 
 # Training draws its problems where the models missed (1,000 test questions, uniform operands):
 # differences more often than sums and products (the products are 1,000 facts, all in
-# training), half of them of close operands (869 - 863 = 9 - 3 = 6: the first step's length
-# hangs on the tens digits, and it was most misses), and a third of the operands of + and - with
-# one or two digits (56 - 5: one question in a hundred has such operands when drawn uniformly,
-# and people ask them most). The val and test questions stay uniform.
-TRAIN_OPS = {"+": 0.3, "-": 0.45, "*": 0.25}
+# training), a quarter of them of close operands (869 - 863 = 9 - 3 = 6: the first step's
+# length hangs on the tens digits, and it was most misses), and a sixth of the operands of + and
+# - with one or two digits (56 - 5: one question in a hundred has two such operands when drawn
+# uniformly, and people ask them most). The val and test questions stay uniform. Twice these
+# shares trained less on the uniform problems and failed one seed of two (docs/lab-notes.md).
+TRAIN_OPS = {"+": 0.3, "-": 0.4, "*": 0.3}
+SMALL, CLOSE = 1 / 6, 1 / 4  # shares of operands with one or two digits, of differences of close operands
 
 
 def training_problem(rng: random.Random) -> tuple[str, int, int]:
     op = rng.choices(list(TRAIN_OPS), weights=list(TRAIN_OPS.values()))[0]
     if op == "*":
         return op, rng.randrange(100), rng.randrange(10)
-    a, b = (rng.randrange(10 ** rng.choice([1, 2])) if rng.random() < 1 / 3 else rng.randrange(1000)
+    a, b = (rng.randrange(10 ** rng.choice([1, 2])) if rng.random() < SMALL else rng.randrange(1000)
             for _ in range(2))
-    if op == "-" and rng.random() < 0.5:
+    if op == "-" and rng.random() < CLOSE:
         a = max(a, b)
         b = max(0, a - rng.randrange(100))
     return (op, max(a, b), min(a, b)) if op == "-" else (op, a, b)
