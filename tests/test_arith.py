@@ -35,7 +35,7 @@ def test_numbers_in_words():
 def test_answers_are_right_and_val_operands_are_held_out(monkeypatch):
     splits = arith.make_splits(3000, 100, seed=5, n_rl=200, n_test=100)
     assert splits == arith.make_splits(3000, 100, seed=5, n_rl=200, n_test=100)  # seeded
-    # the test files are drawn first from a generator of their own: how training draws changes them not
+    # the test files are drawn first from a generator of their own: how training draws does not change them
     monkeypatch.setattr(arith, "TRAIN_OPS", {"+": 1.0, "-": 0.0, "*": 0.0})
     other = arith.make_splits(3000, 100, seed=5, n_rl=200, n_test=100)
     assert other["train"] != splits["train"] and {r["problem"][0] for r in other["train"]} == {"+"}

@@ -173,7 +173,8 @@ def test_crafted_metadata_runs_no_code(tmp_path):
 def launch(node_rank: int, port: int, max_iters: int, log) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
            "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=lost",
-           "--max_restarts=1", f"--rdzv_conf=join_timeout=15,is_host={int(node_rank == 0)}", os.path.join(ROOT, "train.py"), *SHARDED,
+           "--max_restarts=1", f"--rdzv_conf=join_timeout=15,is_host={int(node_rank == 0)}",
+           os.path.join(ROOT, "train.py"), *SHARDED,
            f"--max_iters={max_iters}", "--eval_interval=5", "--dist_timeout=10", "--out_dir=weight/nodes"]
     # is_host: node 0 holds the rendezvous store, as the machine named in --rdzv_endpoint does on a
     # real cluster. On loopback either launcher could bind it first, and a survivor whose store
