@@ -46,12 +46,15 @@ def test_answers_are_right_and_val_operands_are_held_out(monkeypatch):
         for r in records:
             op, nums = answer_numbers(r["conversations"][1]["content"])
             assert {"+": nums[0] + nums[1], "-": nums[0] - nums[1], "*": nums[0] * nums[1]}[op] == nums[-1]
-            if len(nums) == 5 and op == "*":  # a product's work: tens times the digit, plus ones times the digit
+            if op == "*" and len(nums) == 5:  # a product's work: tens times the digit, plus ones times the digit
                 assert nums[2:4] == [nums[0] // 10 * 10 * nums[1], nums[0] % 10 * nums[1]]
-            elif len(nums) == 5 and op == "-":  # a difference's work: the tens (and hundreds) first, then the ones
-                assert nums[2:4] == [nums[0] - nums[1] // 10 * 10, nums[1] % 10] and nums[3]
-            elif len(nums) == 5:  # a sum's work, the same way
-                assert op == "+" and nums[2:4] == [nums[0] + nums[1] // 10 * 10, nums[1] % 10] and nums[3]
+            elif op in "+-":  # a sum's or difference's work: the second operand one column at a time, hundreds first
+                xs, ys = nums[0:-1:2], nums[1:-1:2]
+                for x, y, x2, y2 in zip(xs, ys, xs[1:], ys[1:]):
+                    column = y - y2
+                    assert x2 == (x + column if op == "+" else x - column) and y2 > 0
+                    assert len(str(column).rstrip("0")) == 1 and len(str(column)) == len(str(y))  # its leading column
+                assert len(nums) == 1 + 2 * len(arith.steps(op, nums[0], nums[1]))
             else:
                 assert len(nums) == 3
             out.add(arith.key(op, nums[0], nums[1]))
