@@ -254,13 +254,16 @@ def problem(rng: random.Random, ops: str = "+-*") -> tuple[str, int, int]:
 # Training draws its problems where the models missed (1,000 test questions, uniform operands):
 # differences more often than sums and products (the products are 1,000 facts, all in
 # training), a quarter of them of close operands (869 - 863 = 69 - 63 = 9 - 3 = 6: a step's
-# length hangs on the tens digits, and it was most misses of the uniform mix), and a sixth of the operands of + and
-# - with one or two digits (56 - 5: one question in a hundred has two such operands when drawn
-# uniformly, and people ask them most). The val and test questions stay uniform. Twice these
-# shares trained less on the uniform problems and failed one seed of two (docs/lab-notes.md).
+# length hangs on the tens digits, and it was most misses of the uniform mix), and a sixth of
+# the operands of + and - with one or two digits (56 - 5: one question in a hundred has two such
+# operands when drawn uniformly, and people ask them most), and a fifth of the sums with tens
+# digits adding up to 9, so the last step adds its ones to a 9 in the tens (1791 + 9: nearly all
+# the sum misses of the column-at-a-time answers without it). The val and test questions stay
+# uniform. Twice these shares trained less on the uniform problems and failed one seed of two
+# (docs/lab-notes.md).
 TRAIN_OPS = {"+": 0.3, "-": 0.4, "*": 0.3}
 SMALL, CLOSE = 1 / 6, 1 / 4  # shares of operands with one or two digits, of differences of close operands
-NINES = 1 / 5  # share of sums whose last step adds its ones to a number with a 9 in the tens (1794 + 6)
+NINES = 1 / 5  # share of sums whose tens digits add up to 9 (a >= 10)
 
 
 def training_problem(rng: random.Random) -> tuple[str, int, int]:
@@ -272,7 +275,7 @@ def training_problem(rng: random.Random) -> tuple[str, int, int]:
     if op == "-" and rng.random() < CLOSE:
         a = max(a, b)
         b = max(0, a - rng.randrange(100))
-    if op == "+" and a >= 10 and rng.random() < NINES:  # tens digits summing to 9: the last step's tens is a 9
+    if op == "+" and a >= 10 and rng.random() < NINES:  # a's tens digit becomes 9 - b's (mod 10)
         a += ((9 - b // 10 % 10) % 10 - a // 10 % 10) * 10
     return (op, max(a, b), min(a, b)) if op == "-" else (op, a, b)
 
