@@ -16,6 +16,9 @@ served, evaluated and exported like any other.
 """
 import contextlib
 import functools
+import os
+import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -34,6 +37,8 @@ def parallelize(objective: nn.Module, model: GPT, cfg, run) -> nn.Module:
         for block in model.transformer.h:
             # an instance attribute: the module and its parameter names stay as they are
             block.forward = functools.partial(checkpoint, type(block).forward, block, use_reentrant=False)
+    if cfg.compile and run.device_type == "cpu":
+        check_cpu_compiler()
     if cfg.parallel == "fsdp":
         return shard(objective, model, cfg, run)
     if cfg.compile:
@@ -42,6 +47,17 @@ def parallelize(objective: nn.Module, model: GPT, cfg, run) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
         objective = DDP(objective, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     return objective
+
+
+def check_cpu_compiler() -> None:
+    """On a CPU torch.compile writes its kernels in C++ and builds them with the compiler that
+    inductor looks for ($CXX, else g++; clang++ on macOS; cl on Windows); without one the first
+    step fails deep inside inductor. Say so before the run starts."""
+    default = "cl" if sys.platform == "win32" else "clang++" if sys.platform == "darwin" else "g++"
+    cxx = os.environ.get("CXX", default)
+    if shutil.which(cxx) is None:
+        raise ConfigError(f"compile = True on a CPU builds C++ kernels with {cxx}, which is not on PATH: "
+                          f"install it (Debian/Ubuntu: apt-get install g++) or set --compile=False", "compile")
 
 
 def shard(objective: nn.Module, model: GPT, cfg, run) -> nn.Module:

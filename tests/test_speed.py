@@ -1,5 +1,6 @@
 """What the speed work changed, pinned as behaviour (no timings): sampling past the context
-window with a shifted KV cache, the CPU bf16 decision, fused AdamW, the cached matmul peak."""
+window with a shifted KV cache, the CPU bf16 decision, fused AdamW, compile's C++ compiler check,
+the cached matmul peak."""
 import pytest
 import torch
 
@@ -145,6 +146,24 @@ def test_adamw_is_fused_on_cpu_and_falls_back_where_torch_has_no_kernel(monkeypa
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
     (opt,) = train.make_optimizers(cfg, tiny())
     assert not opt.defaults["fused"]
+
+
+def test_compile_on_a_cpu_without_a_cxx_compiler_fails_before_the_run_naming_the_key(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    import train
+    from parallel import parallelize
+    from settings import ConfigError
+    model, cpu = tiny(), SimpleNamespace(device_type="cpu", ddp=False)
+    objective = train.Objective(model, loss_only=True)
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    with pytest.raises(ConfigError, match="no-such-c\\+\\+-compiler, which is not on PATH.*--compile=False") as e:
+        parallelize(objective, model, train.TrainConfig(compile=True), cpu)
+    assert e.value.key == "compile"
+    assert parallelize(objective, model, train.TrainConfig(compile=False), cpu) is objective
+    monkeypatch.setenv("CXX", sys.executable)  # any program on PATH passes the check; compiling is lazy
+    assert parallelize(objective, model, train.TrainConfig(compile=True), cpu) is not objective
 
 
 def test_the_matmul_peak_is_measured_once_per_machine_and_dtype(tmp_path, monkeypatch):
