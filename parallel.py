@@ -53,11 +53,13 @@ def check_cpu_compiler() -> None:
     """On a CPU torch.compile writes its kernels in C++ and builds them with the compiler that
     inductor looks for ($CXX, else g++; clang++ on macOS; cl on Windows); without one the first
     step fails deep inside inductor. Say so before the run starts."""
-    default = "cl" if sys.platform == "win32" else "clang++" if sys.platform == "darwin" else "g++"
+    default, install = {"win32": ("cl", "Visual Studio's C++ build tools"),
+                        "darwin": ("clang++", "xcode-select --install")}.get(sys.platform,
+                                                                             ("g++", "apt-get install g++"))
     cxx = os.environ.get("CXX", default)
     if shutil.which(cxx) is None:
         raise ConfigError(f"compile = True on a CPU builds C++ kernels with {cxx}, which is not on PATH: "
-                          f"install it (Debian/Ubuntu: apt-get install g++) or set --compile=False", "compile")
+                          f"install it ({install}) or set --compile=False", "compile")
 
 
 def shard(objective: nn.Module, model: GPT, cfg, run) -> nn.Module:
