@@ -232,7 +232,7 @@ def peak_flops(device: str, dtype: str) -> float:
 
 
 # Narrower models train no faster under CPU bf16 autocast: the casts cost what the bf16 matmuls
-# save (docs/lab-notes.md, "bf16 on a CPU": 128 wide is a wash, 384 wide about 2x).
+# save (docs/lab-notes.md, "bf16 on a CPU": 128 wide a wash or 3x slower, 384 wide about 2x).
 BF16_MIN_WIDTH = 256
 BF16_MIN_SPEEDUP = 1.1  # below this the gain is within the noise, not worth bf16's rounding
 PROBE_TOKENS = 2048  # a probe step runs at most this many tokens: seconds, not minutes, on wide models
