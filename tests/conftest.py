@@ -100,3 +100,23 @@ def read_log(out_dir):
 
 def step_losses(out_dir):
     return [(r["iter"], r["train_loss"]) for r in read_log(out_dir) if "lr" in r]
+
+
+@pytest.fixture(scope="session")
+def fsdp_reference(tmp_path_factory) -> str:
+    """The out_dir (absolute) of one 2-process FSDP run of tests/test_fsdp.py's 6 steps on its
+    example dataset. Four tests compare against this same run (resume, processes, nodes, the
+    sharded checkpoint's consolidation); a torchrun launch costs ~14 s on 2 cores, so it runs once."""
+    from test_ddp import make_example_dataset
+    from test_fsdp import FSDP, run
+    root = tmp_path_factory.mktemp("fsdp_reference")
+    make_example_dataset(root)
+    out_dir = str(root / "weight" / "fsdp")
+    here = os.getcwd()
+    os.chdir(root)  # the dataset is found under ./data, as a user's is
+    try:
+        r = run(*FSDP, "--parallel=fsdp", f"--out_dir={out_dir}")
+    finally:
+        os.chdir(here)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out_dir
