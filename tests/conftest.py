@@ -19,6 +19,9 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
 # an idle machine; on a busy one each op can wait a whole scheduler slice for it (seen: 100x).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start
+# So pytest.ini runs one pytest-xdist worker per core (1.7x on 2 cores), a whole file on one worker
+# (--dist loadfile): a module's fixtures (a model trained once for its tests) are built once, and
+# a test that reads what the one before it left (the browser's page) finds it.
 # Measurements kept between runs (matmul peak, CPU dtype choice) go to a folder of this session,
 # never ~/.cache/danlu: a test neither reads a real run's choices nor leaves its own behind.
 os.environ["DANLU_CACHE_DIR"] = tempfile.mkdtemp(prefix="danlu-test-cache-")
@@ -106,7 +109,8 @@ def step_losses(out_dir):
 def fsdp_reference(tmp_path_factory) -> str:
     """The out_dir (absolute) of one 2-process FSDP run of tests/test_fsdp.py's 6 steps on its
     example dataset. Four tests compare against this same run (resume, processes, nodes, the
-    sharded checkpoint's consolidation); a torchrun launch costs ~14 s on 2 cores, so it runs once."""
+    sharded checkpoint's consolidation); a torchrun launch costs ~14 s on 2 cores, so it runs once
+    (once per pytest-xdist worker that runs those two files)."""
     from test_ddp import make_example_dataset
     from test_fsdp import FSDP, run
     root = tmp_path_factory.mktemp("fsdp_reference")

@@ -36,15 +36,15 @@ def data(tmp_path, monkeypatch):
 
 
 def test_sharded_resume_exact_and_on_other_process_counts(data, fsdp_reference):
-    r = run(*SHARDED, "--max_iters=6", "--out_dir=weight/whole")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(os.listdir("weight/whole/ckpt.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp", "danlu.pt"]
-    assert not os.path.exists("weight/whole/ckpt.pt")
+    """The uninterrupted run to compare with is fsdp_reference: the same 6 steps, saved whole
+    (where a checkpoint goes changes no step)."""
     r = run(*SHARDED, "--max_iters=3", "--out_dir=weight/split", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(os.listdir("weight/split/ckpt.dcp")) == [".metadata", "__0_0.distcp", "__1_0.distcp", "danlu.pt"]
+    assert not os.path.exists("weight/split/ckpt.pt")
     for other in ("to1", "to4"):
         shutil.copytree("weight/split", f"weight/{other}")
-    whole = losses("weight/whole")
+    whole = losses(fsdp_reference)
     for out_dir, nproc in (("split", 2), ("to1", 1), ("to4", 4)):
         r = run(*SHARDED, "--max_iters=6", f"--out_dir=weight/{out_dir}", nproc=nproc)
         assert r.returncode == 0, (out_dir, r.stderr[-3000:])
@@ -57,15 +57,15 @@ def test_sharded_resume_exact_and_on_other_process_counts(data, fsdp_reference):
     r = run(*SHARDED, "--max_iters=6", "--out_dir=weight/from1", nproc=2)  # 1 -> 2
     assert r.returncode == 0, r.stderr[-3000:]
     assert np.allclose(losses("weight/from1"), whole, rtol=1e-6)
-    # the one consolidation: the sharded weights, whole, are those the same run gathers into ckpt.pt
-    gathered, sharded = load_checkpoint(fsdp_reference), load_checkpoint("weight/whole")
+    # the one consolidation: the sharded weights, whole, are those the same steps gather into ckpt.pt
+    gathered, sharded = load_checkpoint(fsdp_reference), load_checkpoint("weight/split")
     assert sharded["iter_num"] == 6 and sharded["parallel"] == "fsdp" and sharded["optimizer"] is None
     assert sharded.keys() >= gathered.keys() - {"optimizer"} and sharded["model"].keys() == gathered["model"].keys()
     for key, value in gathered["model"].items():
         assert torch.equal(sharded["model"][key], value), key
     # every reader (sample, serve, eval, export, sft's base) goes through load_model / weights_path
-    assert is_run("weight/whole") and weights_path("weight/whole") == os.path.join("weight/whole", "best.dcp")
-    model, ckpt = load_model("weight/whole")
+    assert is_run("weight/split") and weights_path("weight/split") == os.path.join("weight/split", "best.dcp")
+    model, ckpt = load_model("weight/split")
     assert isinstance(model, GPT) and ckpt["iter_num"] == 6
 
 
