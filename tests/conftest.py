@@ -19,7 +19,7 @@ if "TIKTOKEN_CACHE_DIR" not in os.environ and os.path.isdir(os.path.join(SHARED,
 # an idle machine; on a busy one each op can wait a whole scheduler slice for it (seen: 100x).
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the subprocesses tests start
-# So pytest.ini runs one pytest-xdist worker per core (1.7x on 2 cores), a whole file on one worker
+# So pytest.ini runs one pytest-xdist worker per core (2x on 2 cores), a whole file on one worker
 # (--dist loadfile): a module's fixtures (a model trained once for its tests) are built once, and
 # a test that reads what the one before it left (the browser's page) finds it.
 # Measurements kept between runs (matmul peak, CPU dtype choice) go to a folder of this session,
@@ -32,7 +32,7 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-FIRST = ("test_sharded_checkpoint.py", "test_fsdp.py", "test_ddp.py")  # torchrun launches: ~3.5 min of the suite
+FIRST = ("test_sharded_checkpoint.py", "test_fsdp.py", "test_ddp.py")  # torchrun launches: the longest files
 
 
 def pytest_collection_modifyitems(items):
